@@ -1,0 +1,184 @@
+"""Adapter files: the trainable PVA weights as one ``.safetensors`` file with a JSON header.
+
+The safetensors metadata holds one key, ``pva``, a JSON object::
+
+    {"format": "pva-adapter", "version": 1,
+     "contents": ["pva", "projection", "token"(, "face_backbone")],
+     "config": {...PVAConfig...},
+     "backbone": {"cross_attention_dim": 1024, "num_text_tokens": 77, "attn2_layers": 16,
+                  "face_embed_dim": 512},
+     "modifier_token": "<new1>"}
+
+Tensor names are ``PVAModel.state_dict()`` keys (``unet.<...>.attn2.processor.to_q_pva.weight``,
+``identity_encoder.projection.<...>``, ``modifier_token.embedding``,
+``identity_encoder.backbone.<...>``). Loading checks the header and every tensor's shape against
+the model and names the first mismatch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from pva.attention import identity_processors
+from pva.model import PVAConfig, PVAModel
+
+ADAPTER_FORMAT = "pva-adapter"
+ADAPTER_VERSION = 1
+_GROUP_PREFIXES = {
+    "projection": "identity_encoder.projection.",
+    "token": "modifier_token.",
+    "face_backbone": "identity_encoder.backbone.",
+}
+
+
+class AdapterMismatchError(ValueError):
+    """An adapter file does not fit the model it is loaded into."""
+
+
+def backbone_signature(model: PVAModel) -> dict[str, int]:
+    """The backbone facts an adapter depends on."""
+    return {
+        "cross_attention_dim": int(model.unet.config.cross_attention_dim),
+        "num_text_tokens": int(model.num_text_tokens),
+        "attn2_layers": sum(1 for _ in identity_processors(model.unet)),
+        "face_embed_dim": int(model.identity_encoder.backbone.num_features),
+    }
+
+
+def _group_of(key: str) -> str:
+    for group, prefix in _GROUP_PREFIXES.items():
+        if key.startswith(prefix):
+            return group
+    return "pva"
+
+
+def save_adapter(model: PVAModel, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write the model's adapter weights to ``path`` (temporary file, then rename).
+
+    Args:
+        model: The PVA model.
+        path: Destination ``.safetensors`` file.
+        overwrite: Replace an existing file.
+
+    Returns:
+        The path written.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is false.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite)")
+    tensors = {k: v.contiguous().cpu() for k, v in model.adapter_state_dict().items()}
+    header = {
+        "format": ADAPTER_FORMAT,
+        "version": ADAPTER_VERSION,
+        "contents": sorted({_group_of(k) for k in tensors}),
+        "config": dataclasses.asdict(model.config),
+        "backbone": backbone_signature(model),
+        "modifier_token": model.modifier_token.token,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"pva": json.dumps(header)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read an adapter file: ``(tensors, header)``.
+
+    Raises:
+        FileNotFoundError: No such file.
+        AdapterMismatchError: Not a PVA adapter file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter file '{path}' not found")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open API
+    except Exception as err:  # noqa: BLE001 - any parse error is "not an adapter"
+        raise AdapterMismatchError(f"'{path}' is not a safetensors file: {err}") from None
+    try:
+        header = json.loads(meta["pva"])
+    except (KeyError, json.JSONDecodeError):
+        raise AdapterMismatchError(f"'{path}' has no PVA adapter header") from None
+    if header.get("format") != ADAPTER_FORMAT:
+        raise AdapterMismatchError(f"'{path}' is not a PVA adapter (format {header.get('format')})")
+    if header.get("version") != ADAPTER_VERSION:
+        raise AdapterMismatchError(
+            f"'{path}' has adapter version {header.get('version')}; this code reads "
+            f"{ADAPTER_VERSION}"
+        )
+    return tensors, header
+
+
+def config_from_adapter(path: str | os.PathLike) -> PVAConfig:
+    """The :class:`PVAConfig` an adapter was saved with (to build a model it fits)."""
+    _, header = read_adapter(path)
+    known = {f.name for f in dataclasses.fields(PVAConfig)}
+    return PVAConfig(**{k: v for k, v in header["config"].items() if k in known})
+
+
+def load_adapter(model: PVAModel, path: str | os.PathLike) -> dict[str, Any]:
+    """Load an adapter file into ``model`` (in place), after checking that it fits.
+
+    Face-backbone weights load whenever the file has them. PVA, projection and token weights
+    must all be present.
+
+    Returns:
+        The adapter header.
+
+    Raises:
+        AdapterMismatchError: Backbone, variant, key or shape mismatch (named in the message).
+    """
+    tensors, header = read_adapter(path)
+    mine, theirs = backbone_signature(model), header.get("backbone", {})
+    diffs = [
+        f"{k}={theirs.get(k)} (this model: {v})" for k, v in mine.items() if theirs.get(k) != v
+    ]
+    if diffs:
+        raise AdapterMismatchError(
+            f"adapter '{path}' does not fit this backbone: it was trained for " + ", ".join(diffs)
+        )
+    variant = header.get("config", {}).get("variant")
+    if variant != model.config.variant:
+        raise AdapterMismatchError(
+            f"adapter '{path}' holds the '{variant}' attention variant; the model was built with "
+            f"'{model.config.variant}'"
+        )
+    state = model.state_dict()
+    for key, value in tensors.items():
+        if key not in state:
+            raise AdapterMismatchError(
+                f"adapter '{path}': tensor '{key}' has no place in the model"
+            )
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise AdapterMismatchError(
+                f"adapter '{path}': '{key}' has shape {tuple(value.shape)}, the model expects "
+                f"{tuple(state[key].shape)}"
+            )
+    required = [k for k in state if model.is_adapter_key(k) and _group_of(k) != "face_backbone"]
+    absent = [k for k in required if k not in tensors]
+    if absent:
+        raise AdapterMismatchError(
+            f"adapter '{path}' lacks {len(absent)} tensors the model needs, e.g. '{absent[0]}'"
+        )
+    model.load_state_dict(tensors, strict=False)
+    return header

@@ -1,0 +1,311 @@
+"""``PVAModel``: the frozen SD2-inpainting backbone with the PVA pathway (a plain ``nn.Module``).
+
+Trainable parts (all else is frozen, in eval mode, and never in an optimizer):
+
+* ``unet.*.attn2.processor.to_{q,k,v}_pva`` (or ``to_{k,v}_ip``): the parallel projections;
+* ``identity_encoder.projection``: the identity-token transformer;
+* ``modifier_token.embedding``: the ``<new1>`` vector;
+* ``identity_encoder.backbone`` in stage 2 only (``train_face_backbone``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pva.attention import (
+    AttentionImpl,
+    Variant,
+    identity_processors,
+    install_pva,
+    set_attention_impl,
+)
+from pva.backbone import Backbone, load_backbone
+from pva.identity import FaceCrop, IdentityEncoder, IdentityProjection, IResNet, load_iresnet
+from pva.objective import keep_mask, stratified_timesteps
+from pva.token import ModifierToken
+
+TEMPLATE = "photo of a {} person"
+"""Prompt template; ``TEMPLATE.format("<new1>")`` is the paper's conditional prompt."""
+UNCOND_PROMPT = "photo of a person"
+"""Prompt of the unconditional branch in inpainting mode (METHOD section 8)."""
+
+
+@dataclass
+class PVAConfig:
+    """Architecture of the PVA pathway (METHOD sections 3-5)."""
+
+    variant: Variant = "pva"
+    """``pva``: joint softmax with its own query (the paper). ``decoupled``: IP-Adapter-style
+    ablation (shared query, separate softmax, ``decoupled_scale``)."""
+    attention_impl: AttentionImpl = "fused"
+    """``fused``: one scaled_dot_product_attention call. ``reference``: the equation written out.
+    Same parameters and results."""
+    decoupled_scale: float = 1.0
+    """Identity-attention weight of the ``decoupled`` variant."""
+    num_identity_tokens: int = 10
+    """Identity tokens per sample, in total (not per reference)."""
+    projection_layers: int = 4
+    """Transformer layers of the identity projection."""
+    projection_heads: int = 8
+    """Attention heads of the identity projection (must divide the cross-attention width)."""
+    projection_ffn: int = 2048
+    """Feed-forward width of the identity projection."""
+    projection_dropout: float = 0.1
+    """Dropout inside the identity projection."""
+    face_crop: FaceCrop = "celebahq"
+    """Recognizer preprocessing: ``celebahq`` (resize 256, crop [35:223, 32:220], pool to 112:
+    for FFHQ/CelebA-HQ-aligned photos) or ``none`` (inputs are already aligned face crops)."""
+    modifier_token: str = "<new1>"
+    """The learned prompt token."""
+    initializer_token: str = "person"
+    """Single-token word whose embedding initialises the modifier token [ours: METHOD is silent;
+    "person" makes the initial prompt "photo of a person person", a neutral start]."""
+    train_face_backbone: bool = False
+    """Fine-tune the face recognizer's weights (stage 2); it stays in eval mode."""
+
+
+class PVAModel(nn.Module):
+    """SD2-inpainting with Parallel Visual Attention.
+
+    Args:
+        backbone: The frozen backbone (PVA processors are installed into its UNet in place).
+        face_backbone: The face recognizer of the identity encoder.
+        config: Architecture options.
+    """
+
+    def __init__(self, backbone: Backbone, face_backbone: IResNet, config: PVAConfig | None = None):
+        super().__init__()
+        self.config = config = config or PVAConfig()
+        self.vae = backbone.vae
+        self.text_encoder = backbone.text_encoder
+        self.unet = backbone.unet
+        self.tokenizer = backbone.tokenizer
+        self.scheduler = backbone.scheduler
+        self.scaling_factor = backbone.scaling_factor
+        for module in (self.vae, self.text_encoder, self.unet):
+            module.eval().requires_grad_(False)
+        self.num_text_tokens = int(self.tokenizer.model_max_length)
+        width = int(self.unet.config.cross_attention_dim)
+        self.modifier_token = ModifierToken(width, config.modifier_token)
+        self.modifier_token.attach(self.tokenizer, self.text_encoder, config.initializer_token)
+        self.text_encoder.requires_grad_(False)
+        install_pva(
+            self.unet,
+            self.num_text_tokens,
+            variant=config.variant,
+            impl=config.attention_impl,
+            decoupled_scale=config.decoupled_scale,
+        )
+        projection = IdentityProjection(
+            embed_dim=face_backbone.num_features,
+            token_dim=width,
+            num_tokens=config.num_identity_tokens,
+            num_layers=config.projection_layers,
+            num_heads=config.projection_heads,
+            ffn_dim=config.projection_ffn,
+            dropout=config.projection_dropout,
+        )
+        self.identity_encoder = IdentityEncoder(
+            face_backbone, projection, config.face_crop, config.train_face_backbone
+        )
+
+    @classmethod
+    def from_paths(
+        cls,
+        backbone: str | os.PathLike,
+        face_model: str | os.PathLike,
+        config: PVAConfig | None = None,
+        torch_dtype: torch.dtype = torch.float32,
+    ) -> PVAModel:
+        """Load the backbone folder and the ArcFace ``.pth`` and build the model.
+
+        Args:
+            backbone: SD2-inpainting diffusers folder (or cached hub id).
+            face_model: arcface_torch IResNet ``.pth`` (e.g. ``ms1mv3_arcface_r50.pth``).
+            config: Architecture options.
+            torch_dtype: Dtype of the frozen backbone weights.
+        """
+        return cls(load_backbone(backbone, torch_dtype), load_iresnet(face_model), config)
+
+    # ----------------------------------------------------------------- trainable parameters
+    def train(self, mode: bool = True) -> PVAModel:
+        """Train mode for the trainable parts only; the frozen backbone stays in eval mode."""
+        super().train(mode)
+        for module in (self.vae, self.text_encoder, self.unet):
+            module.eval()
+        self.identity_encoder.train(mode)
+        return self
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by optimizer group.
+
+        Groups: ``pva``, ``projection``, ``token``, and ``face_backbone`` when
+        ``train_face_backbone``.
+        """
+        groups = {
+            "pva": [p for _, proc in identity_processors(self.unet) for p in proc.parameters()],
+            "projection": list(self.identity_encoder.projection.parameters()),
+            "token": [self.modifier_token.embedding],
+        }
+        if self.config.train_face_backbone:
+            groups["face_backbone"] = [
+                p for p in self.identity_encoder.backbone.parameters() if p.requires_grad
+            ]
+        return groups
+
+    def is_adapter_key(self, key: str) -> bool:
+        """Whether a ``state_dict`` key belongs to the adapter (trainable weights)."""
+        if key.startswith("unet.") and ".processor." in key:
+            return True
+        if key.startswith(("identity_encoder.projection.", "modifier_token.")):
+            return True
+        return self.config.train_face_backbone and key.startswith("identity_encoder.backbone.")
+
+    def adapter_state_dict(self) -> dict[str, Tensor]:
+        """The trainable weights (plus face-backbone buffers in stage 2), detached."""
+        return {k: v.detach() for k, v in self.state_dict().items() if self.is_adapter_key(k)}
+
+    def set_attention_impl(self, impl: AttentionImpl) -> None:
+        """Switch the PVA attention between ``fused`` and ``reference``."""
+        set_attention_impl(self.unet, impl)
+
+    # ----------------------------------------------------------------------------- encoders
+    @property
+    def device(self) -> torch.device:
+        """Device of the UNet."""
+        return self.unet.device
+
+    def tokenize(self, prompts: Sequence[str]) -> Tensor:
+        """Prompts -> (B, 77) token ids, padded and truncated to the text context length."""
+        return self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.num_text_tokens,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+
+    def encode_prompt(self, prompts: Sequence[str]) -> Tensor:
+        """Prompts -> (B, 77, D) text tokens (gradients reach only the modifier token)."""
+        return self.text_encoder(self.tokenize(prompts))[0]
+
+    def encode_identity(self, references: Tensor, reference_mask: Tensor | None = None) -> Tensor:
+        """(B, K, 3, H, W) reference photos in [-1, 1] -> (B, n_id, D) identity tokens."""
+        dtype = next(self.identity_encoder.projection.parameters()).dtype
+        return self.identity_encoder(references.to(self.device, dtype), reference_mask)
+
+    def encode_latents(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, 4, H/f, W/f) scaled VAE latents (sampled)."""
+        dist = self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist
+        return dist.sample(generator=generator) * self.scaling_factor
+
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """(B, 4, h, w) scaled latents -> (B, 3, H, W) images in [-1, 1]."""
+        return self.vae.decode(latents / self.scaling_factor).sample.clamp(-1, 1)
+
+    def inpaint_conditioning(
+        self, images: Tensor, masks: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Mask and masked-image latent, the UNet's extra 5 input channels.
+
+        Args:
+            images: (B, 3, H, W) in [-1, 1].
+            masks: (B, 1, H, W), 1 = region to fill.
+            generator: Randomness of the VAE sample.
+
+        Returns:
+            ``(mask_latent (B, 1, h, w), masked_latent (B, 4, h, w))``.
+        """
+        masks = masks.to(self.device, images.dtype)
+        masked = images.to(self.device) * (masks < 0.5)  # (B, 3, H, W), hole = 0 (grey)
+        masked_latent = self.encode_latents(masked, generator)  # (B, 4, h, w)
+        mask_latent = F.interpolate(masks, size=masked_latent.shape[-2:])  # (B, 1, h, w) nearest
+        return mask_latent.to(masked_latent.dtype), masked_latent
+
+    # ------------------------------------------------------------------------------- UNet
+    def predict_noise(
+        self,
+        noisy_latents: Tensor,
+        timesteps: Tensor,
+        mask_latent: Tensor,
+        masked_latent: Tensor,
+        text_tokens: Tensor,
+        identity_tokens: Tensor | None = None,
+        identity_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Epsilon prediction of the 9-channel inpainting UNet with PVA.
+
+        Args:
+            noisy_latents: (B, 4, h, w).
+            timesteps: (B,) or scalar.
+            mask_latent: (B, 1, h, w).
+            masked_latent: (B, 4, h, w).
+            text_tokens: (B, 77, D).
+            identity_tokens: (B, n_id, D), or ``None`` for the plain backbone.
+            identity_mask: (B,) bool; ``False`` rows ignore their identity tokens.
+
+        Returns:
+            (B, 4, h, w) predicted noise.
+        """
+        x = torch.cat([noisy_latents, mask_latent, masked_latent], dim=1)  # (B, 9, h, w)
+        ctx = text_tokens
+        if identity_tokens is not None:
+            ctx = torch.cat([text_tokens, identity_tokens.to(text_tokens.dtype)], dim=1)
+        kwargs = None if identity_mask is None else {"identity_mask": identity_mask}
+        return self.unet(x, timesteps, encoder_hidden_states=ctx, cross_attention_kwargs=kwargs)[0]
+
+    def training_loss(
+        self,
+        batch: dict,
+        timestep_draws: int = 4,
+        text_dropout: float = 0.0,
+        identity_dropout: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Epsilon-prediction MSE over the whole latent (METHOD sections 2 and 6).
+
+        Args:
+            batch: ``image`` (B, 3, H, W) in [-1, 1]; ``mask`` (B, 1, H, W), 1 = hole;
+                ``references`` (B, K, 3, h, w) in [-1, 1]; ``prompt`` list of B strings;
+                optional ``reference_mask`` (B, K) bool.
+            timestep_draws: Stratified timesteps per image (4 in the paper).
+            text_dropout: Probability of replacing a prompt by ``""`` (0 in the paper).
+            identity_dropout: Probability of hiding a sample's identity tokens (0 in the paper).
+            generator: Optional randomness source for noise, timesteps and dropout.
+
+        Returns:
+            Scalar loss.
+        """
+        images, masks = batch["image"].to(self.device), batch["mask"].to(self.device)
+        b, n = images.shape[0], timestep_draws
+        with torch.no_grad():
+            latents = self.encode_latents(images, generator)  # (B, 4, h, w)
+            mask_latent, masked_latent = self.inpaint_conditioning(images, masks, generator)
+        prompts = list(batch["prompt"])
+        keep_text = keep_mask(b, text_dropout, generator, self.device)
+        if keep_text is not None:
+            prompts = [p if k else "" for p, k in zip(prompts, keep_text.tolist())]
+        text = self.encode_prompt(prompts)  # (B, 77, D)
+        ident = self.encode_identity(batch["references"], batch.get("reference_mask"))  # (B,n,D)
+        keep_id = keep_mask(b, identity_dropout, generator, self.device)
+
+        def rep(x: Tensor | None) -> Tensor | None:
+            return None if x is None else x.repeat_interleave(n, dim=0)  # (B*n, ...)
+
+        t = stratified_timesteps(
+            b, n, self.scheduler.config.num_train_timesteps, generator, self.device
+        )  # (B*n,)
+        latents = rep(latents)
+        noise = torch.randn(latents.shape, generator=generator, device=self.device)
+        noise = noise.to(latents.dtype)
+        noisy = self.scheduler.add_noise(latents, noise, t)
+        pred = self.predict_noise(
+            noisy, t, rep(mask_latent), rep(masked_latent), rep(text), rep(ident), rep(keep_id)
+        )
+        return F.mse_loss(pred.float(), noise.float())

@@ -1,0 +1,149 @@
+"""``PVAModule``: the LightningModule that trains the PVA pathway on a frozen backbone.
+
+Heavy models are built in :meth:`PVAModule.configure_model`, so constructing the module (and
+``--help`` / ``--print_config`` of the CLI) is instant and configs hold only paths and numbers.
+Checkpoints hold the adapter weights and optimizer state only, never the frozen backbone.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from pva.adapter import load_adapter, save_adapter
+from pva.model import PVAConfig, PVAModel
+
+
+class PVAModule(L.LightningModule):
+    """Train PVA (METHOD section 6) with the paper's parameter groups and learning rates.
+
+    Args:
+        backbone: SD2-inpainting diffusers folder (or a hub id already in the local cache).
+        face_model: arcface_torch IResNet ``.pth`` used to condition (ArcFace R50, MS1MV3).
+        pva: Architecture of the PVA pathway.
+        init_adapter: Adapter ``.safetensors`` to start from (stage 2 starts from stage 1's).
+        batch_size: Images per device per step; only used to scale ``lr_pva``.
+        lr_pva: Learning rate of the visual Q/K/V per sample of total batch; the effective rate
+            is ``lr_pva * batch_size * devices * nodes * accumulate_grad_batches`` (paper: 1e-6).
+        lr_projection: Learning rate of the identity-token transformer (paper: 3.2e-5).
+        lr_token: Learning rate of the ``<new1>`` embedding (paper: 1e-3).
+        lr_face_backbone: Learning rate of the face recognizer when ``pva.train_face_backbone``
+            (stage 2; not given by METHOD, [ours] default 1e-6).
+        weight_decay: AdamW weight decay, all groups (paper: 1e-2).
+        timestep_draws: Stratified timesteps per image (paper: 4).
+        text_dropout: Probability of dropping a prompt to ``""`` (paper: 0).
+        identity_dropout: Probability of hiding a sample's identity tokens (paper: 0).
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        face_model: str,
+        pva: PVAConfig | None = None,
+        init_adapter: str | None = None,
+        batch_size: int = 2,
+        lr_pva: float = 1e-6,
+        lr_projection: float = 3.2e-5,
+        lr_token: float = 1e-3,
+        lr_face_backbone: float = 1e-6,
+        weight_decay: float = 1e-2,
+        timestep_draws: int = 4,
+        text_dropout: float = 0.0,
+        identity_dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.pva_config = pva or PVAConfig()
+        self.model: PVAModel | None = None
+        self.strict_loading = False  # checkpoints hold the adapter only; checked in on_load
+        self.effective_lrs: dict[str, float] = {}
+
+    # -------------------------------------------------------------------------- building
+    def configure_model(self) -> None:
+        """Load the backbone and face model, install PVA, optionally load ``init_adapter``."""
+        if self.model is not None:
+            return
+        hp = self.hparams
+        self.model = PVAModel.from_paths(hp.backbone, hp.face_model, self.pva_config)
+        if hp.init_adapter:
+            load_adapter(self.model, hp.init_adapter)
+
+    def _require_model(self) -> PVAModel:
+        if self.model is None:
+            self.configure_model()
+        assert self.model is not None
+        return self.model
+
+    def total_batch_size(self) -> int:
+        """Images per optimizer step over all devices, nodes and accumulation steps."""
+        world, accumulate = 1, 1
+        if self._trainer is not None:
+            world = self.trainer.world_size
+            accumulate = self.trainer.accumulate_grad_batches
+        return self.hparams.batch_size * world * accumulate
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """AdamW over the paper's groups; the PVA learning rate scales with total batch size."""
+        hp = self.hparams
+        lrs = {
+            "pva": hp.lr_pva * self.total_batch_size(),
+            "projection": hp.lr_projection,
+            "token": hp.lr_token,
+            "face_backbone": hp.lr_face_backbone,
+        }
+        groups = self._require_model().parameter_groups()
+        self.effective_lrs = {name: lrs[name] for name in groups}
+        param_groups = [
+            {"params": params, "lr": lrs[name], "name": name} for name, params in groups.items()
+        ]
+        return torch.optim.AdamW(param_groups, weight_decay=hp.weight_decay)
+
+    def on_train_start(self) -> None:
+        """Log the effective learning rates once (the PVA one depends on the world size)."""
+        for name, lr in self.effective_lrs.items():
+            self.log(f"lr_effective/{name}", lr, rank_zero_only=True)
+
+    # -------------------------------------------------------------------------- training
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        """Epsilon MSE on ``timestep_draws`` stratified timesteps per image."""
+        hp = self.hparams
+        loss = self._require_model().training_loss(
+            batch, hp.timestep_draws, hp.text_dropout, hp.identity_dropout
+        )
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite training loss {loss.item()} at step {self.global_step}"
+            )
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["prompt"]))
+        return loss
+
+    # ----------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only adapter tensors in the checkpoint (megabytes, not gigabytes)."""
+        model = self._require_model()
+        checkpoint["state_dict"] = {
+            k: v
+            for k, v in checkpoint["state_dict"].items()
+            if k.startswith("model.") and model.is_adapter_key(k.removeprefix("model."))
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Check that a checkpoint holds every adapter tensor this model needs."""
+        model = self._require_model()
+        have = set(checkpoint.get("state_dict", {}))
+        need = {f"model.{k}" for k in model.adapter_state_dict()}
+        missing = sorted(need - have)
+        if missing:
+            raise KeyError(
+                f"checkpoint lacks {len(missing)} adapter tensors, e.g. '{missing[0]}'; it was "
+                f"written by a model with a different PVA configuration"
+            )
+
+    def save_adapter(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Export the trainable weights as an adapter ``.safetensors`` file."""
+        return save_adapter(self._require_model(), path, overwrite=overwrite)
