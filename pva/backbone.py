@@ -227,16 +227,16 @@ def load_backbone(
             f"backbone folder '{folder}' is incomplete; missing: {', '.join(missing)}. "
             + DOWNLOAD_HINT
         )
+    in_channels = json.loads((folder / "unet" / "config.json").read_text()).get("in_channels")
+    if in_channels != 9:
+        raise ValueError(
+            f"'{folder}/unet' has in_channels={in_channels}; PVA needs an inpainting UNet with 9 "
+            f"input channels (latent 4 + mask 1 + masked-image latent 4), e.g. {SD2_INPAINT_HUB_ID}"
+        )
     kw = {"local_files_only": True}
     unet = UNet2DConditionModel.from_pretrained(
         folder, subfolder="unet", torch_dtype=torch_dtype, **kw
     )
-    if unet.config.in_channels != 9:
-        raise ValueError(
-            f"'{folder}/unet' has in_channels={unet.config.in_channels}; PVA needs an inpainting "
-            f"UNet with 9 input channels (latent 4 + mask 1 + masked-image latent 4), e.g. "
-            f"{SD2_INPAINT_HUB_ID}"
-        )
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch_dtype, **kw)
     text_encoder = CLIPTextModel.from_pretrained(
         folder, subfolder="text_encoder", torch_dtype=torch_dtype, **kw

@@ -173,6 +173,8 @@ def load_iresnet(path: str | os.PathLike) -> IResNet:
     if not isinstance(state, Mapping):
         raise ValueError(f"'{path}' holds a {type(state).__name__}, not a state dict")
     state = {k.removeprefix("module."): v for k, v in state.items()}
+    for key in [k for k in state if k.endswith(".running_mean")]:  # older BN checkpoints
+        state.setdefault(key.replace("running_mean", "num_batches_tracked"), torch.tensor(0))
     try:
         model = IResNet(**iresnet_config_from_state_dict(state))
         model.load_state_dict(state, strict=True)

@@ -7,6 +7,7 @@ Checkpoints hold the adapter weights and optimizer state only, never the frozen 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ class PVAModule(L.LightningModule):
         self,
         backbone: str,
         face_model: str,
-        pva: PVAConfig | None = None,
+        pva: PVAConfig | dict | None = None,
         init_adapter: str | None = None,
         batch_size: int = 2,
         lr_pva: float = 1e-6,
@@ -57,8 +58,12 @@ class PVAModule(L.LightningModule):
         identity_dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        if isinstance(pva, dict):  # as stored in checkpoint hyperparameters
+            pva = PVAConfig(**pva)
         self.pva_config = pva or PVAConfig()
+        # Plain types only, so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(ignore=["pva"])
+        self.hparams["pva"] = dataclasses.asdict(self.pva_config)
         self.model: PVAModel | None = None
         self.strict_loading = False  # checkpoints hold the adapter only; checked in on_load
         self.effective_lrs: dict[str, float] = {}

@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny random models written to disk and loaded back through the real loaders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from pva.model import PVAModel
+from pva.tiny import TinyAssets, tiny_pva_config, write_tiny_assets
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+FACES = SHARED / "data" / "faces"
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory) -> TinyAssets:
+    """A tiny SD2-inpainting folder and a tiny ArcFace .pth, written once per session."""
+    return write_tiny_assets(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def make_model(tiny_assets):
+    """Factory: a fresh PVAModel loaded from the tiny assets (through the real loaders)."""
+
+    def make(**overrides) -> PVAModel:
+        return PVAModel.from_paths(
+            tiny_assets.backbone, tiny_assets.face_model, tiny_pva_config(**overrides)
+        )
+
+    return make
+
+
+def make_batch(batch_size: int = 2, num_refs: int = 3, size: int = 64, seed: int = 0) -> dict:
+    """A deterministic random training batch in the format PVAModel.training_loss takes."""
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.zeros(batch_size, 1, size, size)
+    masks[:, :, size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1.0
+    return {
+        "image": torch.rand(batch_size, 3, size, size, generator=g) * 2 - 1,
+        "mask": masks,
+        "references": torch.rand(batch_size, num_refs, 3, size, size, generator=g) * 2 - 1,
+        "prompt": ["photo of a <new1> person"] * batch_size,
+    }
