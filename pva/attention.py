@@ -19,8 +19,10 @@ Three implementations share the same parameters:
 
 * ``reference``: the equation above, written out (two logit blocks, one softmax).
 * ``fused`` [ours, default]: one ``scaled_dot_product_attention`` call. Queries are concatenated
-  along the head dimension ``[Q_t, Q_v]`` (width 2d), keys are block-padded (``[K_t, 0]`` for text
-  rows, ``[0, K_v]`` for identity rows), values concatenated along the sequence, scale 1/sqrt(d):
+  along the head dimension ``[Q_t, Q_v]`` (width 2d, from one matmul with per-head interleaved
+  weights), keys are block-padded (``[K_t, 0]`` for text rows, ``[0, K_v]`` for identity rows),
+  values concatenated along the sequence (and zero-padded to 2d so all three share one head width,
+  which the flash kernels need), scale 1/sqrt(d):
   ``[Q_t, Q_v] . [K_t, 0] = Q_t . K_t`` and ``[Q_t, Q_v] . [0, K_v] = Q_v . K_v``.
 * :class:`DecoupledAttnProcessor`: the IP-Adapter-style ablation (shared query, two softmaxes,
   ``O = to_out(Attn(Q, K_t, V_t) + scale * Attn(Q, K_ip, V_ip))``).
@@ -221,10 +223,11 @@ class PVAAttnProcessor(_IdentityAttnBase):
         identity_mask: Tensor | None,
     ) -> Tensor:
         h = attn.heads
-        q_t, q_v = _heads(attn.to_q(x), h), _heads(self.to_q_pva(x), h)  # (B, h, N, d) each
         k_t, v_t = _heads(attn.to_k(text), h), _heads(attn.to_v(text), h)  # (B, h, T, d)
         k_v, v_v = _heads(self.to_k_pva(ident), h), _heads(self.to_v_pva(ident), h)  # (B,h,F,d)
+        d = k_t.shape[-1]
         if self.impl == "reference":
+            q_t, q_v = _heads(attn.to_q(x), h), _heads(self.to_q_pva(x), h)  # (B, h, N, d)
             logits = torch.cat([q_t @ k_t.transpose(-1, -2), q_v @ k_v.transpose(-1, -2)], dim=-1)
             logits = logits * attn.scale  # (B, h, N, T+F)
             if bias is not None:
@@ -232,17 +235,31 @@ class PVAAttnProcessor(_IdentityAttnBase):
             probs = logits.float().softmax(dim=-1).to(q_t.dtype)
             out = probs @ torch.cat([v_t, v_v], dim=2)  # (B, h, N, d)
         else:
-            q = torch.cat([q_t, q_v], dim=-1)  # (B, h, N, 2d)
-            k = torch.cat(
-                [
-                    torch.cat([k_t, torch.zeros_like(k_t)], dim=-1),  # text rows [K_t, 0]
-                    torch.cat([torch.zeros_like(k_v), k_v], dim=-1),  # identity rows [0, K_v]
-                ],
-                dim=2,
-            )  # (B, h, T+F, 2d)
-            v = torch.cat([v_t, v_v], dim=2)  # (B, h, T+F, d)
+            q = self._joint_query(attn, x, h)  # (B, h, N, 2d) = [Q_t, Q_v] per head
+            k = torch.cat([F.pad(k_t, (0, d)), F.pad(k_v, (d, 0))], dim=2)  # (B,h,T+F,2d)
+            # V is zero-padded to 2d so q, k, v share one head width: that admits the flash /
+            # memory-efficient SDPA kernels; the padded half of the output is dropped.
+            v = F.pad(torch.cat([v_t, v_v], dim=2), (0, d))  # (B, h, T+F, 2d)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale)
+            out = out[..., :d]  # (B, h, N, d)
         return _merge_heads(out)  # (B, N, h*d)
+
+    def _joint_query(self, attn: Attention, x: Tensor, heads: int) -> Tensor:
+        """``[Q_t, Q_v]`` per head from ONE matmul: (B, N, C) -> (B, h, N, 2d).
+
+        The rows of ``Wq`` and ``Wq'`` are interleaved per head, so the product is already laid
+        out as (B, N, h, 2d) and needs no concatenation copy.
+        """
+        wq, wv = attn.to_q.weight, self.to_q_pva.weight  # (h*d, C) each
+        c = wq.shape[1]
+        weight = torch.cat([wq.view(heads, -1, c), wv.view(heads, -1, c)], dim=1).view(-1, c)
+        bias = None
+        if attn.to_q.bias is not None:
+            bias = torch.cat(
+                [attn.to_q.bias.view(heads, -1), self.to_q_pva.bias.view(heads, -1)], dim=1
+            ).flatten()
+        b, n, _ = x.shape
+        return F.linear(x, weight, bias).view(b, n, heads, -1).transpose(1, 2)
 
 
 class DecoupledAttnProcessor(_IdentityAttnBase):

@@ -1,0 +1,1 @@
+"""Benchmarks printed by ``pva bench ...`` (measured figures, ratios side by side)."""

@@ -1,0 +1,129 @@
+"""The `pva` command, train.py and shipped configs, run as a user runs them (subprocesses)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from conftest import REPO
+
+from datamodules import PersonPhotosDataModule
+from pva.adapter import read_adapter
+
+
+def _run(*args: str, cwd: Path = REPO, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_quickstart_runs_end_to_end_and_refuses_to_overwrite(tmp_path):
+    out = tmp_path / "qs"
+    res = _run(
+        sys.executable,
+        "-m",
+        "pva.cli",
+        "quickstart",
+        "--out",
+        str(out),
+        "--steps",
+        "4",
+        "--sample-steps",
+        "3",
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "reloaded bit-exact: True" in res.stdout
+    tensors, header = read_adapter(out / "adapter.safetensors")
+    assert header["contents"] == ["projection", "pva", "token"]
+    assert (out / "inpainted.png").stat().st_size > 0
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    ckpts = list(out.rglob("*.ckpt"))
+    assert ckpts and all(p.stat().st_size < 2_000_000 for p in ckpts)  # adapter only
+    again = _run(sys.executable, "-m", "pva.cli", "quickstart", "--out", str(out), "--steps", "2")
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    assert (out / "adapter.safetensors").is_file()  # nothing lost
+
+
+def test_quickstart_rejects_a_missing_photo_folder(tmp_path):
+    res = _run(
+        sys.executable,
+        "-m",
+        "pva.cli",
+        "quickstart",
+        "--out",
+        str(tmp_path / "o"),
+        "--photos",
+        str(tmp_path / "nowhere"),
+    )
+    assert res.returncode == 2 and "nowhere" in res.stderr and "does not exist" in res.stderr
+
+
+def test_bench_attention_prints_its_table():
+    res = _run(sys.executable, "-m", "pva.cli", "bench", "attention", "--small", "--repeats", "1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    for needle in (
+        "PVA reference",
+        "PVA fused",
+        "stock (text only)",
+        "attn2 layers",
+        "trainable, stage 1",
+        "FLOP overhead",
+    ):
+        assert needle in res.stdout
+    line = next(x for x in res.stdout.splitlines() if x.strip().startswith("attn2 layers"))
+    assert line.split()[-1] == "16"  # SD2 has 16 cross-attention layers
+
+
+def test_every_shipped_config_parses_through_the_cli(tmp_path):
+    for config in sorted((REPO / "configs").glob("*.yaml")):
+        res = _run(sys.executable, "train.py", "fit", "--config", str(config), "--print_config")
+        assert res.returncode == 0, (config, res.stderr[-3000:])
+        printed = yaml.safe_load(res.stdout)
+        assert printed["model"]["backbone"] and printed["data"]["class_path"]
+
+
+def test_train_py_fits_the_quickstart_config(tiny_assets, tmp_path):
+    res = _run(
+        sys.executable,
+        "train.py",
+        "fit",
+        "--config",
+        "configs/quickstart.yaml",
+        "--model.backbone",
+        str(tiny_assets.backbone),
+        "--model.face_model",
+        str(tiny_assets.face_model),
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.max_steps",
+        "2",
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    run_dir = tmp_path / "lightning_logs" / "version_0"
+    assert (run_dir / "adapter.safetensors").is_file() and (run_dir / "config.yaml").is_file()
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    hparams = yaml.safe_load((run_dir / "hparams.yaml").read_text())
+    # the data batch size is linked into the module, where it scales the PVA learning rate
+    assert hparams["batch_size"] == saved["data"]["init_args"]["batch_size"] == 4
+
+
+def test_photo_datamodule_batches(tmp_path):
+    dm = PersonPhotosDataModule(image_size=64, num_refs=3, batch_size=2, samples_per_epoch=4)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (2, 3, 64, 64) and batch["references"].shape == (2, 3, 3, 64, 64)
+    assert batch["image"].min() >= -1 and batch["image"].max() <= 1
+    assert batch["mask"].shape == (2, 1, 64, 64) and set(batch["mask"].unique().tolist()) == {0, 1}
+    assert batch["prompt"] == ["photo of a <new1> person"] * 2
+
+
+def test_photo_datamodule_reads_a_real_person_folder():
+    folder = next(
+        p for p in sorted((REPO.parent / "shared/data/faces/photomaker").iterdir()) if p.is_dir()
+    )
+    dm = PersonPhotosDataModule(photos=str(folder), image_size=64, batch_size=2)
+    dm.setup()
+    assert len(dm.dataset.photos) >= 2
+    assert all(p.shape == (3, 64, 64) and torch.isfinite(p).all() for p in dm.dataset.photos)
