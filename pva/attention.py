@@ -71,6 +71,63 @@ def _merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(b, n, h * d)
 
 
+class JointAttention(torch.autograd.Function):
+    """PVA's joint softmax as ONE ``scaled_dot_product_attention`` call, block-wise backward.
+
+    Forward: ``softmax([Q_t, Q_v] . [[K_t, 0]; [0, K_v]]^T * scale + bias) . [V_t; V_v]`` with
+    block keys and V zero-padded to 2d (so q, k, v share a head width and the flash / memory-
+    efficient kernels apply). Backward: the standard softmax-attention gradient computed on the
+    blocks at width d (``dQ_t = dS_t K_t``, ``dQ_v = dS_v K_v``, ...), half the work of
+    differentiating the padded 2d-wide call, and no SDPA backward kernel (PyTorch's CPU flash
+    backward is slow at these shapes).
+
+    Inputs: ``q`` (B, h, N, 2d); ``k_t``, ``v_t`` (B, h, T, d); ``k_v``, ``v_v`` (B, h, F, d);
+    ``bias`` additive (B, 1 or h, 1, T+F) or ``None``; ``scale`` float. Output (B, h, N, d).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k_t, k_v, v_t, v_v, bias, scale):  # noqa: D102
+        d = k_t.shape[-1]
+        k = torch.cat([F.pad(k_t, (0, d)), F.pad(k_v, (d, 0))], dim=2)  # (B, h, T+F, 2d)
+        v = F.pad(torch.cat([v_t, v_v], dim=2), (0, d))  # (B, h, T+F, 2d)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+        out = out[..., :d].contiguous()  # (B, h, N, d)
+        ctx.save_for_backward(q, k_t, k_v, v_t, v_v, out)
+        ctx.bias, ctx.scale = bias, scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # noqa: D102
+        q, k_t, k_v, v_t, v_v, out = ctx.saved_tensors
+        d, t, scale = k_t.shape[-1], k_t.shape[2], ctx.scale
+        f32 = torch.float32
+        q_t, q_v = q[..., :d].to(f32), q[..., d:].to(f32)  # (B, h, N, d)
+        k_t32, k_v32, g = k_t.to(f32), k_v.to(f32), grad_out.to(f32)
+        logits = torch.cat([q_t @ k_t32.transpose(-1, -2), q_v @ k_v32.transpose(-1, -2)], -1)
+        logits = logits * scale  # (B, h, N, T+F)
+        if ctx.bias is not None:
+            logits = logits + ctx.bias.to(f32)
+        p = logits.softmax(dim=-1)  # (B, h, N, T+F)
+        v_cat = torch.cat([v_t, v_v], dim=2).to(f32)  # (B, h, T+F, d)
+        dv = p.transpose(-1, -2) @ g  # (B, h, T+F, d)
+        dp = g @ v_cat.transpose(-1, -2)  # (B, h, N, T+F)
+        delta = (g * out.to(f32)).sum(-1, keepdim=True)  # rowsum(dP * P) = rowsum(G * O)
+        ds = p * (dp - delta) * scale  # (B, h, N, T+F)
+        ds_t, ds_v = ds[..., :t], ds[..., t:]
+        dq = torch.cat([ds_t @ k_t32, ds_v @ k_v32], dim=-1)  # (B, h, N, 2d)
+        dk_t, dk_v = ds_t.transpose(-1, -2) @ q_t, ds_v.transpose(-1, -2) @ q_v
+        return (
+            dq.to(q.dtype),
+            dk_t.to(k_t.dtype),
+            dk_v.to(k_v.dtype),
+            dv[:, :, :t].to(v_t.dtype),
+            dv[:, :, t:].to(v_v.dtype),
+            None,
+            None,
+        )
+
+
 class SelfAttnProcessor(AttnProcessor2_0):
     """The stock diffusers processor, accepting (and ignoring) PVA's ``identity_mask`` kwarg.
 
@@ -225,7 +282,6 @@ class PVAAttnProcessor(_IdentityAttnBase):
         h = attn.heads
         k_t, v_t = _heads(attn.to_k(text), h), _heads(attn.to_v(text), h)  # (B, h, T, d)
         k_v, v_v = _heads(self.to_k_pva(ident), h), _heads(self.to_v_pva(ident), h)  # (B,h,F,d)
-        d = k_t.shape[-1]
         if self.impl == "reference":
             q_t, q_v = _heads(attn.to_q(x), h), _heads(self.to_q_pva(x), h)  # (B, h, N, d)
             logits = torch.cat([q_t @ k_t.transpose(-1, -2), q_v @ k_v.transpose(-1, -2)], dim=-1)
@@ -236,12 +292,7 @@ class PVAAttnProcessor(_IdentityAttnBase):
             out = probs @ torch.cat([v_t, v_v], dim=2)  # (B, h, N, d)
         else:
             q = self._joint_query(attn, x, h)  # (B, h, N, 2d) = [Q_t, Q_v] per head
-            k = torch.cat([F.pad(k_t, (0, d)), F.pad(k_v, (d, 0))], dim=2)  # (B,h,T+F,2d)
-            # V is zero-padded to 2d so q, k, v share one head width: that admits the flash /
-            # memory-efficient SDPA kernels; the padded half of the output is dropped.
-            v = F.pad(torch.cat([v_t, v_v], dim=2), (0, d))  # (B, h, T+F, 2d)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale)
-            out = out[..., :d]  # (B, h, N, d)
+            out = JointAttention.apply(q, k_t, k_v, v_t, v_v, bias, attn.scale)  # (B, h, N, d)
         return _merge_heads(out)  # (B, N, h*d)
 
     def _joint_query(self, attn: Attention, x: Tensor, heads: int) -> Tensor:

@@ -172,15 +172,15 @@ def bench_attention(repeats: int = 10, small: bool = False, backward: bool = Tru
     )
     print("\nSD2-inpainting configuration (meta device, no weights):")
     for name, value in counts.items():
-        if name.endswith("params"):
-            print(f"  {name:<34}{value / 1e6:12.2f} M")
+        if "params" in name:
+            print(f"  {name:<34}{value:15,d}")
         elif name.endswith("GFLOP"):
-            print(f"  {name:<34}{value:12.1f}")
+            print(f"  {name:<34}{value:15.1f}")
         else:
-            print(f"  {name:<34}{value:12d}")
-    print(f"  {'trainable, stage 1':<34}{trainable / 1e6:12.2f} M")
+            print(f"  {name:<34}{value:15d}")
     stage2 = trainable + counts["ArcFace R50 params (stage 2)"]
-    print(f"  {'trainable, stage 2':<34}{stage2 / 1e6:12.2f} M")
+    print(f"  {'trainable params, stage 1':<34}{trainable:15,d}")
+    print(f"  {'trainable params, stage 2':<34}{stage2:15,d}")
     base = counts["base UNet GFLOP"]
     for key in ("PVA reference GFLOP", "PVA fused GFLOP"):
         overhead = 100 * (counts[key] / base - 1)
