@@ -19,10 +19,10 @@ Three implementations share the same parameters:
 
 * ``reference``: the equation above, written out (two logit blocks, one softmax).
 * ``fused`` [ours, default]: one ``scaled_dot_product_attention`` call. Queries are concatenated
-  along the head dimension ``[Q_t, Q_v]`` (width 2d, from one matmul with per-head interleaved
-  weights), keys are block-padded (``[K_t, 0]`` for text rows, ``[0, K_v]`` for identity rows),
-  values concatenated along the sequence (and zero-padded to 2d so all three share one head width,
-  which the flash kernels need), scale 1/sqrt(d):
+  along the head dimension ``[Q_t, Q_v]`` (width 2d), keys are block-padded (``[K_t, 0]`` for
+  text rows, ``[0, K_v]`` for identity rows), values concatenated along the sequence (and
+  zero-padded to 2d so all three share one head width, which the flash kernels need), scale
+  1/sqrt(d):
   ``[Q_t, Q_v] . [K_t, 0] = Q_t . K_t`` and ``[Q_t, Q_v] . [0, K_v] = Q_v . K_v``.
 * :class:`DecoupledAttnProcessor`: the IP-Adapter-style ablation (shared query, two softmaxes,
   ``O = to_out(Attn(Q, K_t, V_t) + scale * Attn(Q, K_ip, V_ip))``).
@@ -69,63 +69,6 @@ def _merge_heads(x: Tensor) -> Tensor:
     """(B, h, L, d) -> (B, L, h*d)."""
     b, h, n, d = x.shape
     return x.transpose(1, 2).reshape(b, n, h * d)
-
-
-class JointAttention(torch.autograd.Function):
-    """PVA's joint softmax as ONE ``scaled_dot_product_attention`` call, block-wise backward.
-
-    Forward: ``softmax([Q_t, Q_v] . [[K_t, 0]; [0, K_v]]^T * scale + bias) . [V_t; V_v]`` with
-    block keys and V zero-padded to 2d (so q, k, v share a head width and the flash / memory-
-    efficient kernels apply). Backward: the standard softmax-attention gradient computed on the
-    blocks at width d (``dQ_t = dS_t K_t``, ``dQ_v = dS_v K_v``, ...), half the work of
-    differentiating the padded 2d-wide call, and no SDPA backward kernel (PyTorch's CPU flash
-    backward is slow at these shapes).
-
-    Inputs: ``q`` (B, h, N, 2d); ``k_t``, ``v_t`` (B, h, T, d); ``k_v``, ``v_v`` (B, h, F, d);
-    ``bias`` additive (B, 1 or h, 1, T+F) or ``None``; ``scale`` float. Output (B, h, N, d).
-    """
-
-    @staticmethod
-    def forward(ctx, q, k_t, k_v, v_t, v_v, bias, scale):  # noqa: D102
-        d = k_t.shape[-1]
-        k = torch.cat([F.pad(k_t, (0, d)), F.pad(k_v, (d, 0))], dim=2)  # (B, h, T+F, 2d)
-        v = F.pad(torch.cat([v_t, v_v], dim=2), (0, d))  # (B, h, T+F, 2d)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
-        out = out[..., :d].contiguous()  # (B, h, N, d)
-        ctx.save_for_backward(q, k_t, k_v, v_t, v_v, out)
-        ctx.bias, ctx.scale = bias, scale
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):  # noqa: D102
-        q, k_t, k_v, v_t, v_v, out = ctx.saved_tensors
-        d, t, scale = k_t.shape[-1], k_t.shape[2], ctx.scale
-        f32 = torch.float32
-        q_t, q_v = q[..., :d].to(f32), q[..., d:].to(f32)  # (B, h, N, d)
-        k_t32, k_v32, g = k_t.to(f32), k_v.to(f32), grad_out.to(f32)
-        logits = torch.cat([q_t @ k_t32.transpose(-1, -2), q_v @ k_v32.transpose(-1, -2)], -1)
-        logits = logits * scale  # (B, h, N, T+F)
-        if ctx.bias is not None:
-            logits = logits + ctx.bias.to(f32)
-        p = logits.softmax(dim=-1)  # (B, h, N, T+F)
-        v_cat = torch.cat([v_t, v_v], dim=2).to(f32)  # (B, h, T+F, d)
-        dv = p.transpose(-1, -2) @ g  # (B, h, T+F, d)
-        dp = g @ v_cat.transpose(-1, -2)  # (B, h, N, T+F)
-        delta = (g * out.to(f32)).sum(-1, keepdim=True)  # rowsum(dP * P) = rowsum(G * O)
-        ds = p * (dp - delta) * scale  # (B, h, N, T+F)
-        ds_t, ds_v = ds[..., :t], ds[..., t:]
-        dq = torch.cat([ds_t @ k_t32, ds_v @ k_v32], dim=-1)  # (B, h, N, 2d)
-        dk_t, dk_v = ds_t.transpose(-1, -2) @ q_t, ds_v.transpose(-1, -2) @ q_v
-        return (
-            dq.to(q.dtype),
-            dk_t.to(k_t.dtype),
-            dk_v.to(k_v.dtype),
-            dv[:, :, :t].to(v_t.dtype),
-            dv[:, :, t:].to(v_v.dtype),
-            None,
-            None,
-        )
 
 
 class SelfAttnProcessor(AttnProcessor2_0):
@@ -291,26 +234,16 @@ class PVAAttnProcessor(_IdentityAttnBase):
             probs = logits.float().softmax(dim=-1).to(q_t.dtype)
             out = probs @ torch.cat([v_t, v_v], dim=2)  # (B, h, N, d)
         else:
-            q = self._joint_query(attn, x, h)  # (B, h, N, 2d) = [Q_t, Q_v] per head
-            out = JointAttention.apply(q, k_t, k_v, v_t, v_v, bias, attn.scale)  # (B, h, N, d)
+            d = k_t.shape[-1]
+            q_t, q_v = _heads(attn.to_q(x), h), _heads(self.to_q_pva(x), h)  # (B, h, N, d)
+            q = torch.cat([q_t, q_v], dim=-1)  # (B, h, N, 2d)
+            k = torch.cat([F.pad(k_t, (0, d)), F.pad(k_v, (d, 0))], dim=2)  # (B,h,T+F,2d)
+            # V is zero-padded to 2d so q, k, v share one head width, which the flash /
+            # memory-efficient SDPA kernels need; the padded half of the output is dropped.
+            v = F.pad(torch.cat([v_t, v_v], dim=2), (0, d))  # (B, h, T+F, 2d)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale)
+            out = out[..., :d]  # (B, h, N, d)
         return _merge_heads(out)  # (B, N, h*d)
-
-    def _joint_query(self, attn: Attention, x: Tensor, heads: int) -> Tensor:
-        """``[Q_t, Q_v]`` per head from ONE matmul: (B, N, C) -> (B, h, N, 2d).
-
-        The rows of ``Wq`` and ``Wq'`` are interleaved per head, so the product is already laid
-        out as (B, N, h, 2d) and needs no concatenation copy.
-        """
-        wq, wv = attn.to_q.weight, self.to_q_pva.weight  # (h*d, C) each
-        c = wq.shape[1]
-        weight = torch.cat([wq.view(heads, -1, c), wv.view(heads, -1, c)], dim=1).view(-1, c)
-        bias = None
-        if attn.to_q.bias is not None:
-            bias = torch.cat(
-                [attn.to_q.bias.view(heads, -1), self.to_q_pva.bias.view(heads, -1)], dim=1
-            ).flatten()
-        b, n, _ = x.shape
-        return F.linear(x, weight, bias).view(b, n, heads, -1).transpose(1, 2)
 
 
 class DecoupledAttnProcessor(_IdentityAttnBase):
