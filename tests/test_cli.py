@@ -69,7 +69,7 @@ def test_bench_attention_prints_its_table():
         "PVA fused",
         "stock (text only)",
         "attn2 layers",
-        "trainable, stage 1",
+        "trainable params, stage 1",
         "FLOP overhead",
     ):
         assert needle in res.stdout
