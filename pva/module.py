@@ -125,6 +125,13 @@ class PVAModule(L.LightningModule):
                 f"non-finite training loss {loss.item()} at step {self.global_step}"
             )
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["prompt"]))
+        if "skipped" in batch:  # corrupt or unknown shard records skipped by the data stream
+            self.log(
+                "data/skipped_records",
+                batch["skipped"].float(),
+                reduce_fx="sum",
+                batch_size=len(batch["prompt"]),
+            )
         return loss
 
     # ----------------------------------------------------------------------- checkpoints

@@ -1,0 +1,411 @@
+"""Stream ``pva shards build`` output as PVA training / evaluation batches (METHOD 6, 8).
+
+Training: shards are resampled forever; every person record visited yields each of its photos as
+a target once (in random order) with references drawn from that person's OTHER photos; each rank
+yields exactly ``samples_per_epoch // (batch_size * world_size)`` batches per epoch, so DDP ranks
+never wait on each other. Evaluation (val/test): shards are read in order and person records are
+dealt round-robin to ``rank x worker`` slots, so ranks see disjoint person sets whose union is the
+whole split, identically on every run.
+
+Decoding is whitelisted: only ``meta.json``, ``img.NNN.jpg`` and ``face.NNN.jpg`` are read
+(JSON and JPEG through PIL); a record with any other member (say a pickle ``.pyd``) or a corrupt
+member is skipped with a warning, counted, and never decoded.
+
+A batch is a dict: ``image`` (B, 3, S, S) and ``masked_image`` in [-1, 1]; ``mask`` (B, 1, S, S),
+1 = fill; ``references`` (B, K, 3, R, R) in [-1, 1] with ``reference_mask`` (B, K) bool;
+``prompt`` (B strings); ``person`` (B strings); ``mask_region`` (B strings); ``skipped`` (the
+records skipped by this worker since its previous batch).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from datamodules.masks import EVAL_MASKS, eval_mask, flip_box, training_mask
+from pva.model import TEMPLATE
+from pva.shards import FIELD_RE, SCHEMA_VERSION, read_index
+
+log = logging.getLogger(__name__)
+ReferenceView = Literal["aligned", "full"]
+
+
+class BadRecordError(ValueError):
+    """A shard record that does not follow the schema."""
+
+
+@dataclass
+class Person:
+    """One decoded person record (image bytes are decoded lazily, per use)."""
+
+    key: str
+    meta: dict
+    img: list[bytes]
+    face: list[bytes]
+
+
+def parse_record(sample: dict) -> Person:
+    """Check a raw WebDataset sample against the schema; nothing is unpickled or executed.
+
+    Raises:
+        BadRecordError: Unknown members, missing images, bad JSON or wrong schema version.
+    """
+    key = sample.get("__key__", "?")
+    fields = {k: v for k, v in sample.items() if not k.startswith("__")}
+    unknown = [k for k in fields if k != "meta.json" and not FIELD_RE.match(k)]
+    if unknown:
+        raise BadRecordError(f"record '{key}' has members outside the schema: {unknown}")
+    try:
+        meta = json.loads(fields["meta.json"])
+    except (KeyError, ValueError, UnicodeDecodeError) as err:
+        raise BadRecordError(f"record '{key}': bad or missing meta.json ({err})") from None
+    if meta.get("schema") != SCHEMA_VERSION:
+        raise BadRecordError(f"record '{key}': schema {meta.get('schema')} != {SCHEMA_VERSION}")
+    n = len(meta.get("images", []))
+    try:
+        img = [fields[f"img.{i:03d}.jpg"] for i in range(n)]
+        face = [fields[f"face.{i:03d}.jpg"] for i in range(n)]
+    except KeyError as err:
+        raise BadRecordError(f"record '{key}': missing member {err}") from None
+    return Person(key, meta, img, face)
+
+
+def decode_jpeg(data: bytes, size: int | None = None) -> Tensor:
+    """JPEG bytes -> (3, H, W) float in [-1, 1] (optionally resized to ``size``)."""
+    with Image.open(io.BytesIO(data)) as im:
+        im = im.convert("RGB")
+        if size is not None and im.size != (size, size):
+            im = im.resize((size, size), Image.BICUBIC)
+        arr = np.asarray(im, dtype=np.float32)
+    return torch.from_numpy(arr / 127.5 - 1.0).permute(2, 0, 1)
+
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class PersonStream(IterableDataset):
+    """The stream behind :class:`ShardDataModule` (see the module docstring).
+
+    Args:
+        urls: Shard paths.
+        train: Training stream (resampled, random masks) or evaluation stream.
+        batch_size: Samples per batch.
+        max_refs: Largest K; a training batch draws K from ``min_refs..max_refs``.
+        min_refs: Smallest K.
+        flip_ref_prob: Probability of appending a flipped copy of a sample's last reference.
+        hflip_prob: Probability of flipping the training target.
+        caption_prob: Probability of ``template + ". " + caption`` instead of the template.
+        reference_view: ``aligned``: 112x112 ArcFace-aligned crops (use with
+            ``face_crop: none``). ``full``: the stored S x S photos resized to 256 (use with
+            ``face_crop: celebahq``, the paper's preprocessing on CelebA-HQ).
+        batches_per_epoch: Training batches per rank per epoch.
+        eval_masks: Evaluation mask kinds; each eval target yields one sample per kind.
+        seed: Base seed.
+        rank: This process's rank (taken from the trainer by the DataModule).
+        world_size: Number of ranks.
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        train: bool,
+        batch_size: int,
+        max_refs: int = 5,
+        min_refs: int = 1,
+        flip_ref_prob: float = 0.2,
+        hflip_prob: float = 0.5,
+        caption_prob: float = 0.5,
+        reference_view: ReferenceView = "aligned",
+        batches_per_epoch: int = 1000,
+        eval_masks: tuple[str, ...] = EVAL_MASKS,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        super().__init__()
+        if not urls:
+            raise ValueError("no shards to read")
+        self.urls, self.train, self.batch_size = urls, train, batch_size
+        self.max_refs, self.min_refs = max_refs, min_refs
+        self.flip_ref_prob, self.hflip_prob, self.caption_prob = (
+            flip_ref_prob,
+            hflip_prob,
+            caption_prob,
+        )
+        self.reference_view: ReferenceView = reference_view
+        self.batches_per_epoch, self.eval_masks, self.seed = batches_per_epoch, eval_masks, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self._skipped = 0
+
+    # ---------------------------------------------------------------- raw records
+    def _on_error(self, exn: Exception) -> bool:
+        self._skipped += 1
+        log.warning("skipping unreadable shard data: %s", exn)
+        return True
+
+    def _records(self, urls: Iterator[str]) -> Iterator[Person]:
+        from webdataset.tariterators import tarfile_samples
+
+        raw = tarfile_samples(({"url": u} for u in urls), handler=self._on_error)
+        for sample in raw:
+            try:
+                yield parse_record(sample)
+            except BadRecordError as err:
+                self._skipped += 1
+                log.warning("skipping record: %s", err)
+
+    # -------------------------------------------------------------------- samples
+    def _reference(self, person: Person, i: int) -> Tensor:
+        if self.reference_view == "aligned":
+            return decode_jpeg(person.face[i])  # (3, 112, 112)
+        return decode_jpeg(person.img[i], 256)  # (3, 256, 256)
+
+    def _sample(self, person: Person, t: int, refs: list[int], rng: random.Random,
+                mask_kind: str | None) -> dict:  # fmt: skip
+        """One target with its mask, candidate references, prompt."""
+        entry = person.meta["images"][t]
+        size = int(person.meta["image_size"])
+        image = decode_jpeg(person.img[t])  # (3, S, S)
+        boxes = entry["boxes"]
+        if mask_kind is None:  # training
+            if rng.random() < self.hflip_prob:
+                image = image.flip(-1)
+                boxes = {k: flip_box(b, size) for k, b in boxes.items()}
+            mask_np, region = training_mask(size, boxes, rng)
+            caption = entry.get("caption")
+            prompt = TEMPLATE.format("<new1>")
+            if caption and rng.random() < self.caption_prob:
+                prompt = f"{prompt}. {caption}"
+        else:
+            mask_np, region = eval_mask(mask_kind, size, boxes, rng), mask_kind
+            prompt = TEMPLATE.format("<new1>")
+        mask = torch.from_numpy(mask_np).float()[None]  # (1, S, S)
+        return {
+            "image": image,
+            "mask": mask,
+            "masked_image": image * (mask < 0.5),
+            "references": [self._reference(person, i) for i in refs],
+            "prompt": prompt,
+            "person": person.meta["person"],
+            "file": entry["file"],
+            "mask_region": region,
+        }
+
+    def _safe_sample(self, person: Person, *args) -> dict | None:
+        """:meth:`_sample`, or ``None`` (counted, warned) when a member fails to decode."""
+        try:
+            return self._sample(person, *args)
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as err:
+            self._skipped += 1
+            log.warning("skipping a sample of record '%s': %s", person.key, err)
+            return None
+
+    def _train_samples(self, rng: random.Random, slot: int, slots: int) -> Iterator[dict]:
+        def shard_urls() -> Iterator[str]:
+            while True:
+                yield rng.choice(self.urls)
+
+        for person in self._records(shard_urls()):
+            n = len(person.img)
+            order = list(range(n))
+            rng.shuffle(order)
+            for t in order:
+                others = [i for i in range(n) if i != t]
+                rng.shuffle(others)
+                sample = self._safe_sample(person, t, others[: self.max_refs], rng, None)
+                if sample is not None:
+                    yield sample
+
+    def _eval_samples(self, slot: int, slots: int) -> Iterator[dict]:
+        for k, person in enumerate(self._records(iter(self.urls))):
+            if k % slots != slot:
+                continue
+            images = person.meta["images"]
+            targets = [i for i, e in enumerate(images) if e.get("role") == "infer"]
+            refs = [i for i, e in enumerate(images) if e.get("role") == "ref"]
+            if not targets:  # photo folders: every photo is a target, the others references
+                targets = list(range(len(images)))
+            for t in targets:
+                cand = [i for i in (refs or range(len(images))) if i != t][: self.max_refs]
+                for kind in self.eval_masks:
+                    rng = random.Random(f"{self.seed}/{person.key}/{images[t]['file']}/{kind}")
+                    sample = self._safe_sample(person, t, cand, rng, kind)
+                    if sample is not None:
+                        yield sample
+
+    # -------------------------------------------------------------------- batches
+    def _collate(self, samples: list[dict], rng: random.Random) -> dict:
+        """Stack samples; draw K for the batch (training), pad references with a mask."""
+        if self.train:
+            k = rng.randint(self.min_refs, self.max_refs)
+        else:
+            k = max(len(s["references"]) for s in samples)
+        ref_lists = []
+        for s in samples:
+            refs = s["references"][:k]
+            if self.train and refs and rng.random() < self.flip_ref_prob:
+                refs = refs + [refs[-1].flip(-1)]
+            ref_lists.append(refs)
+        width = max(1, max(len(r) for r in ref_lists))
+        shape = samples[0]["references"][0].shape if samples[0]["references"] else (3, 112, 112)
+        references = torch.zeros(len(samples), width, *shape)
+        reference_mask = torch.zeros(len(samples), width, dtype=torch.bool)
+        for b, refs in enumerate(ref_lists):
+            for j, r in enumerate(refs):
+                references[b, j], reference_mask[b, j] = r, True
+        batch = {key: torch.stack([s[key] for s in samples])
+                 for key in ("image", "mask", "masked_image")}  # fmt: skip
+        batch.update(
+            references=references,
+            reference_mask=reference_mask,
+            prompt=[s["prompt"] for s in samples],
+            person=[s["person"] for s in samples],
+            file=[s["file"] for s in samples],
+            mask_region=[s["mask_region"] for s in samples],
+            skipped=torch.tensor(self._skipped),
+        )
+        self._skipped = 0
+        return batch
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        slot, slots = self.rank * workers + worker, self.world_size * workers
+        if self.train:
+            seed = info.seed if info is not None else torch.initial_seed()
+            rng = random.Random(f"{seed}/{self.rank}/{worker}/{self.epoch}")
+            self.epoch += 1
+            quota = self.batches_per_epoch // workers + (
+                1 if worker < self.batches_per_epoch % workers else 0
+            )
+            samples = self._train_samples(rng, slot, slots)
+            for _ in range(quota):
+                yield self._collate([next(samples) for _ in range(self.batch_size)], rng)
+        else:
+            rng = random.Random(self.seed)
+            batch: list[dict] = []
+            for sample in self._eval_samples(slot, slots):
+                batch.append(sample)
+                if len(batch) == self.batch_size:
+                    yield self._collate(batch, rng)
+                    batch = []
+            if batch:
+                yield self._collate(batch, rng)
+
+
+class ShardDataModule(L.LightningDataModule):
+    """CelebAHQ-IDI or photo-folder shards (from ``pva shards build``) as PVA batches.
+
+    Args:
+        shards: Folder with ``index.json`` and the ``<split>-NNNNN.tar`` shards.
+        batch_size: Samples per batch per device (paper: 2).
+        max_refs: Largest number of references K (paper: 5); K is drawn per batch from
+            ``min_refs..max_refs`` in training; evaluation uses up to ``max_refs``.
+        min_refs: Smallest K (paper: 1).
+        flip_ref_prob: Probability of appending a flipped copy of the last reference (0.2).
+        hflip_prob: Probability of flipping a training target (0.5).
+        caption_prob: Probability of appending the caption to the prompt (0.5).
+        reference_view: ``aligned`` (112x112 ArcFace-aligned crops; set the model's
+            ``face_crop: none``) or ``full`` (whole photos at 256; ``face_crop: celebahq``).
+        samples_per_epoch: Training samples per epoch over all ranks.
+        eval_masks: Mask kinds for validation/test samples (METHOD 8).
+        num_workers: DataLoader workers per rank.
+        seed: Seed of evaluation masks.
+    """
+
+    def __init__(
+        self,
+        shards: str,
+        batch_size: int = 2,
+        max_refs: int = 5,
+        min_refs: int = 1,
+        flip_ref_prob: float = 0.2,
+        hflip_prob: float = 0.5,
+        caption_prob: float = 0.5,
+        reference_view: ReferenceView = "aligned",
+        samples_per_epoch: int = 10000,
+        eval_masks: tuple[str, ...] = EVAL_MASKS,
+        num_workers: int = 2,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.index: dict | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read ``index.json``."""
+        if self.index is None:
+            self.index = read_index(self.hparams.shards)
+
+    def shard_urls(self, split: str) -> list[str]:
+        """Shard paths of a split."""
+        self.setup()
+        assert self.index is not None
+        names = self.index["splits"].get(split, {}).get("shards", [])
+        return [str(Path(self.hparams.shards) / n) for n in names]
+
+    def _rank_world(self) -> tuple[int, int]:
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        return _rank_world()
+
+    def _stream(self, split: str, train: bool) -> PersonStream:
+        hp = self.hparams
+        urls = self.shard_urls(split)
+        if not urls:
+            raise ValueError(f"'{hp.shards}' has no {split} shards (see its index.json)")
+        rank, world = self._rank_world()
+        return PersonStream(
+            urls,
+            train,
+            hp.batch_size,
+            max_refs=hp.max_refs,
+            min_refs=hp.min_refs,
+            flip_ref_prob=hp.flip_ref_prob,
+            hflip_prob=hp.hflip_prob,
+            caption_prob=hp.caption_prob,
+            reference_view=hp.reference_view,
+            batches_per_epoch=max(1, hp.samples_per_epoch // (hp.batch_size * world)),
+            eval_masks=tuple(hp.eval_masks),
+            seed=hp.seed,
+            rank=rank,
+            world_size=world,
+        )
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(
+            self._stream(split, train),
+            batch_size=None,
+            num_workers=workers,
+            persistent_workers=train and workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Resampled, infinite stream cut to equal per-rank epochs."""
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Deterministic validation batches, disjoint across ranks."""
+        return self._loader("val", False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Deterministic test batches, disjoint across ranks."""
+        return self._loader("test", False)

@@ -1,0 +1,371 @@
+"""``pva shards build``: CelebAHQ-IDI or per-person photo folders -> WebDataset shards.
+
+Schema (version 1): ONE tar record per person, holding all of that person's usable photos, so
+references are drawn at load time without duplicating bytes. Record ``<split>_<person>``::
+
+    meta.json        {"schema": 1, "person": str, "split": str, "image_size": S,
+                      "face_size": 112,
+                      "images": [{"file": source file name, "role": "infer" | "ref" | "any",
+                                  "caption": str or null,
+                                  "landmarks": [[x, y] x 68] in the S x S image's pixels,
+                                  "boxes": {"lowerface"|"eyebrow"|"wholeface"|"eye"|"leye"|
+                                            "reye"|"mouth"|"nose": [x0, y0, x1, y1]}}, ...]}
+    img.000.jpg      image 0 at S x S (CelebA-HQ: the whole aligned photo; folders: a
+                     face-centred crop), JPEG quality 95
+    face.000.jpg     image 0's 112 x 112 ArcFace-aligned face (5-point similarity), JPEG 95
+    img.001.jpg ...
+
+Shards are ``<split>-NNNNN.tar``; ``index.json`` holds the schema version, counts per split,
+shard names, and every skipped image and dropped person with the reason. Shards and the index are
+written under temporary names and renamed when complete; an existing output is replaced only with
+``overwrite`` and only after the new one is complete.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import re
+import shutil
+import tarfile
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from pva.faces import (
+    BadImageError,
+    align_face,
+    detect_landmarks,
+    face_centred_crop,
+    load_rgb,
+    region_boxes,
+    resize_square,
+)
+
+SCHEMA_VERSION = 1
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+SPLITS = ("train", "val", "test")
+FIELD_RE = re.compile(r"^(img|face)\.(\d{3})\.jpg$")
+"""Per-image field names of a record; with ``meta.json`` the only keys a reader accepts."""
+SourceFormat = Literal["auto", "celebahq-idi", "people"]
+
+
+@dataclass
+class PhotoJob:
+    """One photo to process."""
+
+    person: str
+    split: str
+    path: Path
+    role: str = "any"
+    caption: str | None = None
+    landmarks: list | None = None  # given landmarks (source pixels), else dlib runs
+    crop: str = "face"  # "face": face-centred crop; "full": resize the whole (aligned) photo
+
+
+@dataclass
+class PersonRecord:
+    """A person's usable photos after processing."""
+
+    person: str
+    split: str
+    images: list[dict] = field(default_factory=list)
+    blobs: list[tuple[bytes, bytes]] = field(default_factory=list)  # (img jpg, face jpg)
+
+
+def _safe_key(text: str) -> str:
+    """A tar-key-safe version of a person id (no dots, slashes or spaces)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "-", text)
+
+
+def _jpeg(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def process_photo(job: PhotoJob, image_size: int) -> dict:
+    """Load, find the face, crop, align: the record entry and its bytes, or a skip reason."""
+    try:
+        image = load_rgb(job.path)
+        if job.landmarks is not None:
+            landmarks, faces = np.asarray(job.landmarks, dtype=np.float32).reshape(68, 2), 1
+        else:
+            found = detect_landmarks(image)
+            if found is None:
+                return {"job": job, "skip": "no face detected"}
+            landmarks, faces = found
+        aligned = align_face(image, landmarks)
+        crop = (resize_square if job.crop == "full" else face_centred_crop)(
+            image, landmarks, image_size
+        )
+    except BadImageError as err:
+        return {"job": job, "skip": str(err)}
+    except Exception as err:  # noqa: BLE001 - a bad photo must never stop a long build
+        return {"job": job, "skip": f"processing failed ({type(err).__name__}: {err})"}
+    entry = {
+        "file": job.path.name,
+        "role": job.role,
+        "caption": job.caption,
+        "landmarks": np.round(crop.landmarks, 2).tolist(),
+        "boxes": region_boxes(crop.landmarks, (image_size, image_size)),
+    }
+    if faces > 1:
+        entry["faces_detected"] = faces
+    return {"job": job, "entry": entry, "img": _jpeg(crop.image), "face": _jpeg(aligned)}
+
+
+def _process(args: tuple[PhotoJob, int]) -> dict:
+    return process_photo(*args)
+
+
+# ---------------------------------------------------------------------------- sources
+def detect_format(root: Path) -> str:
+    """``celebahq-idi`` when ``root`` has ``annotation/idi-*.json``, else ``people``."""
+    if list((root / "annotation").glob("idi-*.json")):
+        return "celebahq-idi"
+    return "people"
+
+
+def celebahq_idi_jobs(root: Path, num_refs: int = 5) -> tuple[list[PhotoJob], dict]:
+    """Jobs for a CelebAHQ-IDI tree (METHOD section 9) and a description of the source.
+
+    Reads ``annotation/idi-{num_refs}.json``, optional ``annotation/dialog/captions_hq.json``
+    (or ``annotation/captions_hq.json``) and optional ``annotation/landmarks.json``
+    (``{file: [[x, y] x 68]}`` in source pixels; dlib runs where absent).
+    """
+    ann_path = root / "annotation" / f"idi-{num_refs}.json"
+    if not ann_path.is_file():
+        raise FileNotFoundError(f"CelebAHQ-IDI annotation '{ann_path}' not found")
+    ann = json.loads(ann_path.read_text())
+    for key in ("id2image",) + tuple(f"{s}_ids" for s in SPLITS):
+        if key not in ann:
+            raise ValueError(f"'{ann_path}' has no '{key}' key; is it a CelebAHQ-IDI annotation?")
+    captions: dict = {}
+    for cand in (root / "annotation" / "dialog" / "captions_hq.json",
+                 root / "annotation" / "captions_hq.json"):  # fmt: skip
+        if cand.is_file():
+            captions = json.loads(cand.read_text())
+            break
+    lm_path = root / "annotation" / "landmarks.json"
+    landmarks = json.loads(lm_path.read_text()) if lm_path.is_file() else {}
+    jobs = []
+    for split in SPLITS:
+        for pid in ann[f"{split}_ids"]:
+            roles = ann["id2image"].get(str(pid), {})
+            for role in ("infer", "ref"):
+                for name in roles.get(role, []):
+                    cap = captions.get(name, {})
+                    jobs.append(
+                        PhotoJob(
+                            person=str(pid),
+                            split=split,
+                            path=root / "image" / name,
+                            role=role,
+                            caption=(cap.get("overall_caption") or None)
+                            if isinstance(cap, dict)
+                            else None,
+                            landmarks=landmarks.get(name),
+                            crop="full",
+                        )
+                    )
+    source = {"format": "celebahq-idi", "root": str(root), "annotation": ann_path.name,
+              "captions": bool(captions), "landmarks": bool(landmarks)}  # fmt: skip
+    return jobs, source
+
+
+def people_jobs(
+    root: Path, val_fraction: float = 0.1, test_fraction: float = 0.3, seed: int = 0
+) -> tuple[list[PhotoJob], dict]:
+    """Jobs for ``root/<person>/*.jpg``, split by person with a seeded shuffle.
+
+    ``round(test_fraction * n)`` persons go to test, ``round(val_fraction * n)`` to val, the rest
+    to train (METHOD section 9 uses 30% / 10% / 60%).
+    """
+    persons = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not persons:
+        raise ValueError(f"'{root}' has no person folders (expected {root}/<person>/*.jpg)")
+    order = list(range(len(persons)))
+    random.Random(seed).shuffle(order)
+    n_test = round(test_fraction * len(persons))
+    n_val = round(val_fraction * len(persons))
+    split_of = {}
+    for rank, i in enumerate(order):
+        split_of[i] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
+    jobs = []
+    for i, folder in enumerate(persons):
+        files = sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith("."))
+        for f in files:
+            if f.suffix.lower() in IMAGE_EXTS:
+                jobs.append(PhotoJob(person=folder.name, split=split_of[i], path=f))
+    source = {"format": "people", "root": str(root), "seed": seed,
+              "val_fraction": val_fraction, "test_fraction": test_fraction}  # fmt: skip
+    return jobs, source
+
+
+# ---------------------------------------------------------------------------- writing
+def _write_shard(path: Path, records: Iterable[PersonRecord], image_size: int) -> None:
+    """Write one tar of person records under a temporary name, then rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tarfile.open(tmp, "w") as tar:
+        for rec in records:
+            key = f"{rec.split}_{_safe_key(rec.person)}"
+            meta = {"schema": SCHEMA_VERSION, "person": rec.person, "split": rec.split,
+                    "image_size": image_size, "face_size": 112, "images": rec.images}  # fmt: skip
+            members = [("meta.json", json.dumps(meta).encode())]
+            for i, (img, face) in enumerate(rec.blobs):
+                members += [(f"img.{i:03d}.jpg", img), (f"face.{i:03d}.jpg", face)]
+            for name, data in members:
+                info = tarfile.TarInfo(f"{key}.{name}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                tar.addfile(info, io.BytesIO(data))
+    os.replace(tmp, path)
+
+
+def build_shards(
+    input_dir: str | Path,
+    out: str | Path,
+    source_format: SourceFormat = "auto",
+    image_size: int = 512,
+    num_refs: int = 5,
+    persons_per_shard: int = 64,
+    min_images: int = 2,
+    workers: int = 1,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.3,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Build shards and ``index.json``; returns the index.
+
+    Args:
+        input_dir: A CelebAHQ-IDI root (``image/``, ``annotation/``) or a folder of person folders.
+        out: Output folder (refused when non-empty, unless ``overwrite``).
+        source_format: ``auto``, ``celebahq-idi`` or ``people``.
+        image_size: Side S of the stored training images (512 for SD2).
+        num_refs: Which ``idi-N.json`` to read (CelebAHQ-IDI only).
+        persons_per_shard: Person records per shard.
+        min_images: Persons with fewer usable photos are dropped (a target needs references).
+        workers: Processes for face detection and cropping.
+        val_fraction: Person folders: fraction of persons for validation.
+        test_fraction: Person folders: fraction of persons for test.
+        seed: Person folders: split seed.
+        overwrite: Replace a non-empty output folder (only once the new build is complete).
+        progress: Show a progress bar.
+    """
+    input_dir, out = Path(input_dir), Path(out)
+    if not input_dir.is_dir():
+        raise FileNotFoundError(f"input folder '{input_dir}' does not exist")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"output '{out}' exists and is not empty; pass --overwrite")
+    if image_size % 8 or image_size < 64:
+        raise ValueError(f"--image-size must be a multiple of 8 and >= 64, got {image_size}")
+    fmt = detect_format(input_dir) if source_format == "auto" else source_format
+    if fmt == "celebahq-idi":
+        jobs, source = celebahq_idi_jobs(input_dir, num_refs)
+    elif fmt == "people":
+        jobs, source = people_jobs(input_dir, val_fraction, test_fraction, seed)
+    else:
+        raise ValueError(f"unknown source format {source_format!r}")
+
+    t0 = time.time()
+    results: list[dict] = []
+    args = [(job, image_size) for job in jobs]
+    bar = tqdm(total=len(jobs), desc="photos", unit="img", disable=not progress)
+    if workers > 1:
+        with get_context("spawn").Pool(workers) as pool:
+            for res in pool.imap(_process, args, chunksize=4):
+                results.append(res)
+                bar.update()
+    else:
+        for a in args:
+            results.append(_process(a))
+            bar.update()
+    bar.close()
+
+    persons: dict[tuple[str, str], PersonRecord] = {}
+    skipped = []
+    for res in results:  # results keep job order: deterministic records
+        job = res["job"]
+        rec = persons.setdefault((job.split, job.person), PersonRecord(job.person, job.split))
+        if "skip" in res:
+            skipped.append({"file": str(job.path), "person": job.person, "reason": res["skip"]})
+            continue
+        rec.images.append(res["entry"])
+        rec.blobs.append((res["img"], res["face"]))
+    dropped, kept = [], defaultdict(list)
+    for (split, person), rec in sorted(persons.items()):
+        if len(rec.images) < min_images:
+            dropped.append({"person": person, "split": split, "usable_images": len(rec.images),
+                            "reason": f"fewer than {min_images} usable images"})  # fmt: skip
+        else:
+            kept[split].append(rec)
+
+    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    splits = {}
+    try:
+        for split in SPLITS:
+            recs = kept.get(split, [])
+            names = []
+            for s in range(0, len(recs), persons_per_shard):
+                name = f"{split}-{s // persons_per_shard:05d}.tar"
+                _write_shard(partial / name, recs[s : s + persons_per_shard], image_size)
+                names.append(name)
+            splits[split] = {
+                "persons": len(recs),
+                "images": sum(len(r.images) for r in recs),
+                "shards": names,
+            }
+        index = {
+            "schema": SCHEMA_VERSION,
+            "source": source,
+            "image_size": image_size,
+            "face_size": 112,
+            "splits": splits,
+            "photos_seen": len(jobs),
+            "skipped_images": skipped,
+            "dropped_persons": dropped,
+            "seconds": round(time.time() - t0, 1),
+        }
+        tmp = partial / "index.json.tmp"
+        tmp.write_text(json.dumps(index, indent=1))
+        os.replace(tmp, partial / "index.json")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            partial.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            partial.rename(out)
+    finally:
+        if partial.exists():
+            shutil.rmtree(partial, ignore_errors=True)
+    return index
+
+
+def read_index(folder: str | Path) -> dict:
+    """Read and check a shard folder's ``index.json``."""
+    path = Path(folder) / "index.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"'{path}' not found; build shards with `pva shards build`")
+    index = json.loads(path.read_text())
+    if index.get("schema") != SCHEMA_VERSION:
+        raise ValueError(
+            f"'{path}' has schema {index.get('schema')}; this code reads {SCHEMA_VERSION}"
+        )
+    return index

@@ -1,0 +1,123 @@
+"""Build small CelebAHQ-IDI-format trees and person folders from the real shared photos."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+from conftest import FACES
+from PIL import Image
+
+# (person id, source folder) - real photos of 6 people, several each
+PERSONS = {
+    "0001": "deepface/id01_img1",
+    "0002": "deepface/id02_img3",
+    "0003": "deepface/id03_img8",
+    "0004": "deepface/id05_img16",
+    "0005": "photomaker/yangmi_woman",
+    "0006": "deepface/id06_img26",
+}
+SPLIT = {"0001": "train", "0002": "train", "0003": "train", "0004": "val", "0005": "test",
+         "0006": "test"}  # fmt: skip
+
+
+def _photos(folder: str, limit: int = 6) -> list[Path]:
+    return sorted((FACES / folder).iterdir())[:limit]
+
+
+def _shrink(src: Path, dst: Path, max_side: int = 640) -> None:
+    """Copy a photo, downscaled (keeps the fixture build fast; the loader handles big ones)."""
+    with Image.open(src) as im:
+        im = im.convert("RGB")
+        im.thumbnail((max_side, max_side))
+        im.save(dst, quality=92)
+
+
+def add_bad_photos(folder: Path, face_src: Path) -> dict[str, str]:
+    """Write bad or awkward photos into ``folder``; returns {file name: expected outcome}."""
+    (folder / "not_an_image.jpg").write_text("this is text, not a JPEG")
+    data = face_src.read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    Image.fromarray(np.full((300, 400, 3), 128, np.uint8)).save(folder / "no_face.jpg")
+    with Image.open(face_src) as im:
+        im = im.convert("RGB")
+        im.thumbnail((640, 640))
+        im.convert("CMYK").save(folder / "cmyk.jpg")
+        gray16 = (np.asarray(im.convert("L"), dtype=np.uint16) * 257).astype(np.uint16)
+        Image.fromarray(gray16).save(folder / "sixteen_bit.png")
+        rotated = im.rotate(90, expand=True)  # stored sideways, EXIF says rotate back
+        exif = Image.Exif()
+        exif[0x0112] = 6  # orientation 6: display = stored image rotated 90 degrees clockwise
+        rotated.save(folder / "exif_rotated.jpg", exif=exif)
+        rgba = im.convert("RGBA")
+        rgba.putalpha(200)
+        rgba.save(folder / "rgba.png")
+    return {
+        "not_an_image.jpg": "unreadable",
+        "truncated.jpg": "unreadable",
+        "no_face.jpg": "no face",
+        "cmyk.jpg": "ok",
+        "sixteen_bit.png": "ok",
+        "exif_rotated.jpg": "ok",
+        "rgba.png": "ok",
+    }
+
+
+def make_celebahq_idi(root: Path, captions_path: Path) -> dict:
+    """A CelebAHQ-IDI tree: ``image/N.jpg``, ``annotation/idi-5.json``, captions.
+
+    Person "0006" gets one real photo plus a no-face image, so it ends with too few usable images.
+    Returns facts the tests check against.
+    """
+    (root / "image").mkdir(parents=True)
+    (root / "annotation" / "dialog").mkdir(parents=True)
+    samples = json.loads(captions_path.read_text())["overall_caption_samples"]
+    id2image, image2id, captions, n = {}, {}, {}, 0
+    for pid, folder in PERSONS.items():
+        photos = _photos(folder, 1 if pid == "0006" else 6)
+        names = []
+        for src in photos:
+            name = f"{n}.jpg"
+            _shrink(src, root / "image" / name)
+            names.append(name)
+            image2id[name] = pid
+            if n % 2 == 0:
+                captions[name] = {"overall_caption": samples[n % len(samples)],
+                                  "attribute_wise_captions": {}}  # fmt: skip
+            n += 1
+        if pid == "0006":
+            Image.fromarray(np.zeros((256, 256, 3), np.uint8)).save(root / "image" / f"{n}.jpg")
+            names.append(f"{n}.jpg")
+            n += 1
+        id2image[pid] = {"infer": names[:2], "ref": names[2:]}
+    ann = {
+        "train_ids": [p for p in PERSONS if SPLIT[p] == "train"],
+        "val_ids": [p for p in PERSONS if SPLIT[p] == "val"],
+        "test_ids": [p for p in PERSONS if SPLIT[p] == "test"],
+        "id2image": id2image,
+        "image2id": image2id,
+        "duplicate_images": [],
+        "discard_ids": [],
+        "meta": {"note": "test fixture built from ../shared/data/faces"},
+    }
+    (root / "annotation" / "idi-5.json").write_text(json.dumps(ann))
+    (root / "annotation" / "dialog" / "captions_hq.json").write_text(json.dumps(captions))
+    return {"id2image": id2image, "captions": captions}
+
+
+def make_people(root: Path) -> dict[str, str]:
+    """``root/<person>/*.jpg`` with 4 real people plus one folder of bad photos."""
+    root.mkdir(parents=True)
+    for pid, folder in list(PERSONS.items())[:4]:
+        (root / f"person_{pid}").mkdir()
+        for src in _photos(folder, 4):
+            _shrink(src, root / f"person_{pid}" / src.name)
+    bad = root / "person_mixed"
+    bad.mkdir()
+    expected = add_bad_photos(bad, _photos(PERSONS["0003"], 1)[0])
+    for src in _photos(PERSONS["0003"], 3)[1:]:
+        shutil.copy(src, bad / src.name)  # full size: the loader downsizes for detection
+        expected[src.name] = "ok"
+    return expected

@@ -1,0 +1,356 @@
+"""Shard building and streaming on real photos: schema, index, bad inputs, masks, DDP split."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import SHARED
+from data_fixtures import SPLIT, make_celebahq_idi, make_people
+
+from datamodules.masks import box_mask, brush_stroke_mask
+from datamodules.shards import ShardDataModule, decode_jpeg, parse_record
+from pva.module import PVAModule
+from pva.shards import build_shards, read_index
+from pva.tiny import tiny_pva_config
+
+SIZE = 128
+
+
+@pytest.fixture(scope="module")
+def idi(tmp_path_factory):
+    root = tmp_path_factory.mktemp("idi")
+    facts = make_celebahq_idi(
+        root / "celebahq", SHARED / "data/captions/celeba_dialog_style_samples.json"
+    )
+    out = root / "shards"
+    index = build_shards(
+        root / "celebahq", out, image_size=SIZE, persons_per_shard=2, progress=False
+    )
+    return {"root": root / "celebahq", "out": out, "index": index, **facts}
+
+
+@pytest.fixture(scope="module")
+def people(tmp_path_factory):
+    root = tmp_path_factory.mktemp("people")
+    expected = make_people(root / "people")
+    out = root / "shards"
+    index = build_shards(
+        root / "people",
+        out,
+        image_size=SIZE,
+        workers=2,
+        progress=False,
+        val_fraction=0.2,
+        test_fraction=0.2,
+    )
+    return {"root": root / "people", "out": out, "index": index, "expected": expected}
+
+
+def _records(out: Path, split: str):
+    idx = read_index(out)
+    for name in idx["splits"][split]["shards"]:
+        with tarfile.open(out / name) as tar:
+            groups: dict = {}
+            for m in tar.getmembers():
+                key, field = m.name.split(".", 1)
+                groups.setdefault(key, {"__key__": key})[field] = tar.extractfile(m).read()
+        for sample in groups.values():
+            yield parse_record(sample)
+
+
+def test_celebahq_idi_index_counts_and_schema(idi):
+    index = idi["index"]
+    assert index["schema"] == 1 and index["source"]["format"] == "celebahq-idi"
+    assert index["source"]["captions"] is True
+    expected_persons = {"train": 3, "val": 1, "test": 1}  # 0006 is dropped
+    for split, n in expected_persons.items():
+        assert index["splits"][split]["persons"] == n
+    assert [d["person"] for d in index["dropped_persons"]] == ["0006"]
+    assert index["dropped_persons"][0]["usable_images"] == 1
+    skipped = {Path(s["file"]).name: s["reason"] for s in index["skipped_images"]}
+    assert list(skipped.values()) == ["no face detected"]  # 0006's black image
+    total = sum(len(v["infer"]) + len(v["ref"]) for v in idi["id2image"].values())
+    kept = sum(s["images"] for s in index["splits"].values())
+    assert kept == total - len(skipped) - 1  # minus the dropped person's one usable photo
+    assert index["splits"]["train"]["shards"] == ["train-00000.tar", "train-00001.tar"]
+    assert not list(idi["out"].glob("*.tmp")) and not list(idi["out"].parent.glob(".shards*"))
+
+    for rec in _records(idi["out"], "train"):
+        assert SPLIT[rec.meta["person"]] == "train"
+        meta = rec.meta
+        assert meta["image_size"] == SIZE and len(rec.img) == len(meta["images"]) >= 2
+        roles = {e["file"]: e["role"] for e in meta["images"]}
+        assert set(roles) <= set(
+            idi["id2image"][meta["person"]]["infer"] + idi["id2image"][meta["person"]]["ref"]
+        )
+        for entry, img, face in zip(meta["images"], rec.img, rec.face):
+            assert decode_jpeg(img).shape == (3, SIZE, SIZE)
+            assert decode_jpeg(face).shape == (3, 112, 112)
+            lm = np.array(entry["landmarks"])
+            assert lm.shape == (68, 2) and (lm > -SIZE).all() and (lm < 2 * SIZE).all()
+            assert set(entry["boxes"]) >= {"lowerface", "eyebrow", "wholeface", "mouth", "nose"}
+            cap = idi["captions"].get(entry["file"])
+            assert entry["caption"] == (cap["overall_caption"] if cap else None)
+
+
+def test_landmarks_land_on_the_face_in_the_stored_crop(idi):
+    """Eyebrows above the mouth, the nose centred inside the whole face, on every image."""
+    for split in ("train", "val", "test"):
+        for rec in _records(idi["out"], split):
+            for e in rec.meta["images"]:
+                b = e["boxes"]
+                assert b["eyebrow"][1] < b["mouth"][1]
+                whole = b["wholeface"]
+                cx, cy = (b["nose"][0] + b["nose"][2]) / 2, (b["nose"][1] + b["nose"][3]) / 2
+                assert whole[0] <= cx <= whole[2] and whole[1] <= cy <= whole[3]
+
+
+def test_people_folder_bad_inputs_are_listed_never_fatal(people):
+    index = people["index"]
+    assert index["source"]["format"] == "people"
+    skipped = {Path(s["file"]).name: s["reason"] for s in index["skipped_images"]}
+    for name, outcome in people["expected"].items():
+        if outcome == "ok":
+            assert name not in skipped, (name, skipped.get(name))
+        else:
+            assert outcome in skipped[name], (name, skipped[name])
+    # the awkward but valid photos (CMYK, 16-bit, EXIF-rotated, RGBA) made it into the shards
+    files = {
+        e["file"]
+        for s in ("train", "val", "test")
+        for r in _records(people["out"], s)
+        for e in r.meta["images"]
+    }
+    assert {"cmyk.jpg", "sixteen_bit.png", "exif_rotated.jpg", "rgba.png"} <= files
+    persons = sum(index["splits"][s]["persons"] for s in ("train", "val", "test"))
+    assert persons == 5 and index["splits"]["val"]["persons"] == 1
+
+
+def test_people_split_is_seeded_and_rebuild_refuses_without_overwrite(people, tmp_path):
+    again = build_shards(
+        people["root"],
+        tmp_path / "again",
+        image_size=SIZE,
+        progress=False,
+        val_fraction=0.2,
+        test_fraction=0.2,
+    )
+    for split in ("train", "val", "test"):
+        a = sorted(r.meta["person"] for r in _records(people["out"], split))
+        b = sorted(r.meta["person"] for r in _records(tmp_path / "again", split))
+        assert a == b
+    assert again["splits"] == people["index"]["splits"]
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        build_shards(people["root"], tmp_path / "again", image_size=SIZE, progress=False)
+    assert read_index(tmp_path / "again")["splits"] == again["splits"]  # nothing lost
+
+
+def _dm(out, **kw):
+    kw.setdefault("num_workers", 0)
+    return ShardDataModule(str(out), **kw)
+
+
+def test_training_batches_shapes_references_and_masks(idi):
+    dm = _dm(idi["out"], batch_size=4, samples_per_epoch=48)
+    faces = {}
+    for rec in _records(idi["out"], "train"):
+        faces[rec.meta["person"]] = {e["file"]: decode_jpeg(f)
+                                     for e, f in zip(rec.meta["images"], rec.face)}  # fmt: skip
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 12
+    ks = set()
+    for batch in batches:
+        assert batch["image"].shape == (4, 3, SIZE, SIZE) and batch["mask"].shape == (
+            4,
+            1,
+            SIZE,
+            SIZE,
+        )
+        assert batch["image"].min() >= -1 and batch["image"].max() <= 1
+        torch.testing.assert_close(batch["masked_image"], batch["image"] * (batch["mask"] < 0.5))
+        refs, valid = batch["references"], batch["reference_mask"]
+        assert refs.shape[:2] == valid.shape and refs.shape[2:] == (3, 112, 112)
+        ks.add(refs.shape[1])
+        for b in range(4):
+            own = faces[batch["person"][b]]
+            target_face = own[batch["file"][b]]
+            for j in range(refs.shape[1]):
+                if not valid[b, j]:
+                    assert refs[b, j].abs().sum() == 0
+                    continue
+                r = refs[b, j]
+                same = [f for f in own.values() if torch.equal(r, f) or torch.equal(r, f.flip(-1))]
+                assert same, "reference not from the same person"
+                assert not torch.equal(r, target_face) and not torch.equal(r, target_face.flip(-1))
+            assert batch["prompt"][b].startswith("photo of a <new1> person")
+    assert len(ks) > 1  # K varies per batch
+    prompts = [p for b in batches for p in b["prompt"]]
+    assert any(p == "photo of a <new1> person" for p in prompts)
+    assert any(p.startswith("photo of a <new1> person. ") for p in prompts)  # with caption
+
+
+def test_evaluation_masks_cover_the_landmark_region_exactly(idi):
+    dm = _dm(idi["out"], batch_size=8)
+    boxes = {(r.meta["person"], e["file"]): e["boxes"]
+             for r in _records(idi["out"], "test") for e in r.meta["images"]}  # fmt: skip
+    seen = set()
+    for batch in dm.test_dataloader():
+        for b, kind in enumerate(batch["mask_region"]):
+            seen.add(kind)
+            m = batch["mask"][b, 0].numpy() > 0.5
+            box = boxes[(batch["person"][b], batch["file"][b])]
+            if kind == "random":
+                assert any(
+                    (m & box_mask(SIZE, box[r])).sum() == box_mask(SIZE, box[r]).sum()
+                    for r in ("lowerface", "eyebrow", "wholeface")
+                )
+            else:
+                assert np.array_equal(m, box_mask(SIZE, box[kind]))
+    assert seen == {"lowerface", "eyebrow", "wholeface", "random"}
+
+
+def test_training_masks_contain_a_region_box(idi):
+    import random
+
+    rng = random.Random(0)
+    strokes = brush_stroke_mask(SIZE, rng)
+    assert 0.005 < strokes.mean() < 0.8
+    dm = _dm(idi["out"], batch_size=2, samples_per_epoch=8)
+    for batch in dm.train_dataloader():
+        for b in range(2):
+            m = batch["mask"][b, 0].numpy() > 0.5
+            assert m.any() and not m.all()
+
+
+def test_evaluation_is_identical_on_every_run(idi):
+    def keys():
+        dm = _dm(idi["out"], batch_size=3)
+        out = []
+        for batch in dm.val_dataloader():
+            out += [
+                (p, f, k, float(m.sum()))
+                for p, f, k, m in zip(
+                    batch["person"], batch["file"], batch["mask_region"], batch["mask"]
+                )
+            ]
+        return out
+
+    first = keys()
+    assert first and first == keys()
+
+
+def _write_tar(path: Path, members: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+class _Boom:
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))  # unpickling would create this file
+
+
+def test_corrupt_and_pickle_members_are_skipped_counted_and_never_unpickled(idi, tmp_path):
+    out = tmp_path / "shards"
+    out.mkdir()
+    index = read_index(idi["out"])
+    good = next(_records(idi["out"], "train"))
+    raw = {f"{good.key}.meta.json": json.dumps(good.meta).encode()}
+    for i, (img, face) in enumerate(zip(good.img, good.face)):
+        raw[f"{good.key}.img.{i:03d}.jpg"], raw[f"{good.key}.face.{i:03d}.jpg"] = img, face
+    marker = tmp_path / "UNPICKLED"
+
+    def renamed(key: str, person: str) -> dict:
+        rec = {k.replace(good.key, key): v for k, v in raw.items()}
+        rec[f"{key}.meta.json"] = json.dumps({**good.meta, "person": person}).encode()
+        return rec
+
+    evil = renamed("evil", "evil")
+    evil["evil.extra.pyd"] = pickle.dumps(_Boom(str(marker)))
+    broken = renamed("broken", "broken")
+    broken["broken.img.000.jpg"] = b"\xff\xd8\xff garbage"  # corrupt JPEG
+    _write_tar(out / "train-00000.tar", {**raw, **evil, **broken})
+    (out / "train-00001.tar").write_bytes((idi["out"] / "train-00000.tar").read_bytes()[:5000])
+    index["splits"]["train"]["shards"] = ["train-00000.tar", "train-00001.tar"]
+    (out / "index.json").write_text(json.dumps(index))
+    dm = _dm(out, batch_size=2, samples_per_epoch=40, max_refs=2)
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 20
+    assert sum(int(b["skipped"]) for b in batches) >= 3  # pickle record, bad JPEG, torn tar
+    assert not marker.exists()
+    persons = {p for b in batches for p in b["person"]}
+    assert "evil" not in persons and persons == {good.meta["person"], "broken"}
+
+
+def _ddp_worker(rank: int, world: int, out: str, port: int, result_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    dm = ShardDataModule(out, batch_size=2, samples_per_epoch=20, num_workers=1)
+    val = [(p, f, k) for b in dm.val_dataloader()
+           for p, f, k in zip(b["person"], b["file"], b["mask_region"])]  # fmt: skip
+    n_train = sum(1 for _ in dm.train_dataloader())
+    Path(result_dir, f"{rank}.json").write_text(json.dumps({"val": val, "train": n_train}))
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_ranks_split_evaluation_and_train_equally(people, tmp_path):
+    port = 29500 + os.getpid() % 1000
+    mp.spawn(_ddp_worker, args=(2, str(people["out"]), port, str(tmp_path)), nprocs=2)
+    r0, r1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1))
+    single = [(p, f, k) for b in _dm(people["out"], batch_size=2).test_dataloader()
+              for p, f, k in zip(b["person"], b["file"], b["mask_region"])]  # fmt: skip
+    assert r0["train"] == r1["train"] == 20 // (2 * 2)
+    v0, v1 = {tuple(x) for x in r0["val"]}, {tuple(x) for x in r1["val"]}
+    full_val = {(p, f, k) for b in _dm(people["out"], batch_size=2).val_dataloader()
+                for p, f, k in zip(b["person"], b["file"], b["mask_region"])}  # fmt: skip
+    assert not v0 & v1 and v0 | v1 == full_val
+    assert single  # test split readable too
+
+
+def test_workers_split_evaluation_disjointly(people):
+    def keys(workers):
+        dm = _dm(people["out"], batch_size=2, num_workers=workers)
+        return sorted(
+            (p, f, k)
+            for b in dm.test_dataloader()
+            for p, f, k in zip(b["person"], b["file"], b["mask_region"])
+        )
+
+    assert keys(0) == keys(2)
+
+
+def test_shards_feed_the_pva_module(idi, tiny_assets, tmp_path):
+    module = PVAModule(
+        str(tiny_assets.backbone),
+        str(tiny_assets.face_model),
+        pva=tiny_pva_config(face_crop="none"),
+        batch_size=2,
+        timestep_draws=1,
+    )
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=_dm(idi["out"], batch_size=2, samples_per_epoch=4))
+    assert trainer.global_step == 2
