@@ -60,6 +60,21 @@ def _bench_attention(args: argparse.Namespace) -> None:
     bench_attention(repeats=args.repeats, small=args.small, backward=not args.forward_only)
 
 
+def _bench_data(args: argparse.Namespace) -> None:
+    import torch
+
+    from pva.bench.data import bench_data
+
+    torch.set_num_threads(1)  # one DataLoader worker's view
+    bench_data(
+        args.photos,
+        image_size=args.image_size,
+        refs=args.refs,
+        samples=args.samples,
+        workers_build=args.build_workers,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``pva`` command."""
     parser = argparse.ArgumentParser(
@@ -151,6 +166,23 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--small", action="store_true", help="tiny shapes: a smoke run, no figures")
     a.add_argument("--forward-only", action="store_true", help="skip forward+backward timing")
     a.set_defaults(func=_bench_attention)
+    d = bench_sub.add_parser(
+        "data",
+        help="training samples/s per worker: our shards vs full-size photos per sample",
+        description=(
+            "Builds shards from PHOTOS/<source>/<person>/ (persons with refs+1 or more photos), "
+            "then times one process producing training samples from them and from a naive layout "
+            "that stores each sample's full-size target and reference photos, in one run."
+        ),
+    )
+    d.add_argument(
+        "--photos", default="../shared/data/faces", help="photo root (default: %(default)s)"
+    )
+    d.add_argument("--image-size", type=int, default=512, help="resolution (default: 512)")
+    d.add_argument("--refs", type=int, default=5, help="references per sample (default: 5)")
+    d.add_argument("--samples", type=int, default=60, help="samples timed per layout (60)")
+    d.add_argument("--build-workers", type=int, default=2, help="shard-build processes (2)")
+    d.set_defaults(func=_bench_data)
     return parser
 
 

@@ -127,3 +127,64 @@ def test_photo_datamodule_reads_a_real_person_folder():
     dm.setup()
     assert len(dm.dataset.photos) >= 2
     assert all(p.shape == (3, 64, 64) and torch.isfinite(p).all() for p in dm.dataset.photos)
+
+
+def test_shards_build_cli_and_bench_data(tmp_path):
+    people = tmp_path / "people"
+    people.mkdir()
+    for name in ("deepface/id02_img3", "photomaker/yangmi_woman"):
+        (people / name.split("/")[1]).symlink_to(REPO.parent / "shared/data/faces" / name)
+    out = tmp_path / "shards"
+    res = _run(
+        sys.executable,
+        "-m",
+        "pva.cli",
+        "shards",
+        "build",
+        str(people),
+        "--out",
+        str(out),
+        "--image-size",
+        "128",
+        "--test-fraction",
+        "0",
+        "--val-fraction",
+        "0",
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "train: 2 persons" in res.stdout
+    again = _run(sys.executable, "-m", "pva.cli", "shards", "build", str(people), "--out", str(out))
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    missing = _run(
+        sys.executable,
+        "-m",
+        "pva.cli",
+        "shards",
+        "build",
+        str(tmp_path / "nope"),
+        "--out",
+        str(tmp_path / "x"),
+    )
+    assert missing.returncode == 2 and "nope" in missing.stderr
+    root = tmp_path / "faces"  # the bench's layout: <root>/<source>/<person>/
+    root.mkdir()
+    (root / "src").symlink_to(people)
+    bench = _run(
+        sys.executable,
+        "-m",
+        "pva.cli",
+        "bench",
+        "data",
+        "--photos",
+        str(root),
+        "--image-size",
+        "128",
+        "--refs",
+        "2",
+        "--samples",
+        "4",
+        "--build-workers",
+        "1",
+    )
+    assert bench.returncode == 0, bench.stderr[-3000:]
+    assert "ratio (ours / naive)" in bench.stdout and "workers one GPU needs" in bench.stdout
