@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import warnings
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
 from callbacks import AdapterExport  # noqa: F401 - importable by class name in configs
@@ -23,6 +24,7 @@ class PVACLI(LightningCLI):
 def main() -> None:
     """Entry point."""
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # PVAConfig field docs
     PVACLI(PVAModule, subclass_mode_data=True, save_config_kwargs={"overwrite": True})
 
 

@@ -1,5 +1,7 @@
-"""Lightning callbacks for PVA training."""
+"""Lightning callbacks and plugins for PVA training."""
 
 from callbacks.adapter_export import AdapterExport
+from callbacks.checkpoint_io import AtomicCheckpointIO
+from callbacks.identity import IdentityValidation, PersonalizationCheck
 
-__all__ = ["AdapterExport"]
+__all__ = ["AdapterExport", "AtomicCheckpointIO", "IdentityValidation", "PersonalizationCheck"]

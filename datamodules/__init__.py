@@ -1,5 +1,13 @@
 """LightningDataModules that turn photos into PVA training batches."""
 
 from datamodules.photos import OnePersonDataset, PersonPhotosDataModule, centre_mask, load_photos
+from datamodules.shards import PersonStream, ShardDataModule
 
-__all__ = ["OnePersonDataset", "PersonPhotosDataModule", "centre_mask", "load_photos"]
+__all__ = [
+    "OnePersonDataset",
+    "PersonPhotosDataModule",
+    "PersonStream",
+    "ShardDataModule",
+    "centre_mask",
+    "load_photos",
+]

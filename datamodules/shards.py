@@ -13,8 +13,9 @@ member is skipped with a warning, counted, and never decoded.
 
 A batch is a dict: ``image`` (B, 3, S, S) and ``masked_image`` in [-1, 1]; ``mask`` (B, 1, S, S),
 1 = fill; ``references`` (B, K, 3, R, R) in [-1, 1] with ``reference_mask`` (B, K) bool;
-``prompt`` (B strings); ``person`` (B strings); ``mask_region`` (B strings); ``skipped`` (the
-records skipped by this worker since its previous batch).
+``landmarks`` (B, 68, 2) in the image's pixels; ``prompt``, ``person``, ``file``,
+``mask_region`` (B strings each); ``skipped`` (the records skipped by this worker since its
+previous batch).
 """
 
 from __future__ import annotations
@@ -154,6 +155,12 @@ class PersonStream(IterableDataset):
         self.epoch = 0
         self._skipped = 0
 
+    def __len__(self) -> int:
+        """Batches per epoch of a training stream (evaluation streams have no length)."""
+        if not self.train:
+            raise TypeError("an evaluation stream has no length")
+        return self.batches_per_epoch
+
     # ---------------------------------------------------------------- raw records
     def _on_error(self, exn: Exception) -> bool:
         self._skipped += 1
@@ -184,10 +191,12 @@ class PersonStream(IterableDataset):
         size = int(person.meta["image_size"])
         image = decode_jpeg(person.img[t])  # (3, S, S)
         boxes = entry["boxes"]
+        landmarks = torch.tensor(entry["landmarks"], dtype=torch.float32)  # (68, 2)
         if mask_kind is None:  # training
             if rng.random() < self.hflip_prob:
                 image = image.flip(-1)
                 boxes = {k: flip_box(b, size) for k, b in boxes.items()}
+                landmarks[:, 0] = size - landmarks[:, 0]
             mask_np, region = training_mask(size, boxes, rng)
             caption = entry.get("caption")
             prompt = TEMPLATE.format("<new1>")
@@ -206,6 +215,7 @@ class PersonStream(IterableDataset):
             "person": person.meta["person"],
             "file": entry["file"],
             "mask_region": region,
+            "landmarks": landmarks,
         }
 
     def _safe_sample(self, person: Person, *args) -> dict | None:
@@ -271,7 +281,7 @@ class PersonStream(IterableDataset):
             for j, r in enumerate(refs):
                 references[b, j], reference_mask[b, j] = r, True
         batch = {key: torch.stack([s[key] for s in samples])
-                 for key in ("image", "mask", "masked_image")}  # fmt: skip
+                 for key in ("image", "mask", "masked_image", "landmarks")}  # fmt: skip
         batch.update(
             references=references,
             reference_mask=reference_mask,
@@ -308,6 +318,19 @@ class PersonStream(IterableDataset):
                     batch = []
             if batch:
                 yield self._collate(batch, rng)
+
+
+def _select(batch: dict, rows: list[int]) -> dict:
+    """The rows ``rows`` of a batch (tensors and lists alike)."""
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, Tensor) and value.dim() > 0:
+            out[key] = value[rows]
+        elif isinstance(value, list):
+            out[key] = [value[i] for i in rows]
+        else:
+            out[key] = value
+    return out
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -397,6 +420,51 @@ class ShardDataModule(L.LightningDataModule):
             num_workers=workers,
             persistent_workers=train and workers > 0,
         )
+
+    def fixed_batches(self, split: str, num_persons: int, batch_size: int) -> list[dict]:
+        """Evaluation batches of the first ``num_persons`` persons of a split, on any rank.
+
+        The same on every rank and every call: callbacks use it for fixed validation sets.
+        """
+        stream = self._stream(split, False)
+        stream.rank, stream.world_size, stream.batch_size = 0, 1, batch_size
+        keep, batches = [], []
+        for batch in stream:
+            rows = []
+            for b, person in enumerate(batch["person"]):
+                if person not in keep and len(keep) < num_persons:
+                    keep.append(person)
+                if person in keep:
+                    rows.append(b)
+            if not rows:
+                break
+            batches.append(_select(batch, rows))
+        return batches
+
+    def person_photos(self, split: str, index: int = 0) -> dict:
+        """All photos of the ``index``-th person of a split (for a personalization check).
+
+        Returns:
+            ``person``; ``images`` (N, 3, S, S) and ``references`` (N, 3, R, R) in [-1, 1] in the
+            configured ``reference_view``; ``boxes`` (N wholeface boxes); ``landmarks``
+            (N, 68, 2); ``roles`` (N strings).
+        """
+        stream = self._stream(split, False)
+        stream.rank, stream.world_size = 0, 1
+        for k, person in enumerate(stream._records(iter(stream.urls))):
+            if k == index:
+                entries = person.meta["images"]
+                return {
+                    "person": person.meta["person"],
+                    "images": torch.stack([decode_jpeg(b) for b in person.img]),
+                    "references": torch.stack(
+                        [stream._reference(person, i) for i in range(len(entries))]
+                    ),
+                    "boxes": [e["boxes"]["wholeface"] for e in entries],
+                    "landmarks": torch.tensor([e["landmarks"] for e in entries]),
+                    "roles": [e.get("role", "any") for e in entries],
+                }
+        raise IndexError(f"the {split} split has no person #{index}")
 
     def train_dataloader(self) -> DataLoader:
         """Resampled, infinite stream cut to equal per-rank epochs."""

@@ -22,6 +22,13 @@ def _quickstart(args: argparse.Namespace) -> None:
     )
 
 
+def _tiny_assets(args: argparse.Namespace) -> None:
+    from pva.tiny import write_tiny_assets
+
+    assets = write_tiny_assets(args.out, seed=args.seed)
+    print(f"backbone: {assets.backbone}\nface model: {assets.face_model}")
+
+
 def _shards_build(args: argparse.Namespace) -> None:
     from pva.shards import build_shards
 
@@ -111,6 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     q.set_defaults(func=_quickstart)
+
+    t = sub.add_parser(
+        "tiny-assets",
+        help="write a tiny random SD2-inpainting folder and ArcFace .pth (for configs/tiny.yaml)",
+    )
+    t.add_argument("--out", default="runs/tiny_assets", help="folder (default: %(default)s)")
+    t.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
+    t.set_defaults(func=_tiny_assets)
 
     shards = sub.add_parser("shards", help="build WebDataset shards from photos")
     shards_sub = shards.add_subparsers(dest="shards", required=True, metavar="ACTION")

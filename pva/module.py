@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -18,6 +19,9 @@ from torch import Tensor
 
 from pva.adapter import load_adapter, save_adapter
 from pva.model import PVAConfig, PVAModel
+
+DEFAULT_PVA = PVAConfig()
+"""The paper's architecture (frozen; each module takes a private copy)."""
 
 
 class PVAModule(L.LightningModule):
@@ -39,13 +43,16 @@ class PVAModule(L.LightningModule):
         timestep_draws: Stratified timesteps per image (paper: 4).
         text_dropout: Probability of dropping a prompt to ``""`` (paper: 0).
         identity_dropout: Probability of hiding a sample's identity tokens (paper: 0).
+        nonfinite: On a non-finite loss: ``raise`` (stop, naming the step) or ``skip`` (no update
+            for that batch, counted as ``train/nonfinite_skipped``; single-process runs only, as
+            DDP ranks must all step together).
     """
 
     def __init__(
         self,
         backbone: str,
         face_model: str,
-        pva: PVAConfig | dict | None = None,
+        pva: PVAConfig = DEFAULT_PVA,
         init_adapter: str | None = None,
         batch_size: int = 2,
         lr_pva: float = 1e-6,
@@ -56,17 +63,20 @@ class PVAModule(L.LightningModule):
         timestep_draws: int = 4,
         text_dropout: float = 0.0,
         identity_dropout: float = 0.0,
+        nonfinite: Literal["raise", "skip"] = "raise",
     ) -> None:
         super().__init__()
         if isinstance(pva, dict):  # as stored in checkpoint hyperparameters
             pva = PVAConfig(**pva)
-        self.pva_config = pva or PVAConfig()
+        self.pva_config = dataclasses.replace(pva)  # a private copy
         # Plain types only, so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(ignore=["pva"])
         self.hparams["pva"] = dataclasses.asdict(self.pva_config)
         self.model: PVAModel | None = None
         self.strict_loading = False  # checkpoints hold the adapter only; checked in on_load
         self.effective_lrs: dict[str, float] = {}
+        self.nonfinite_skipped = 0
+        self._step_start: float | None = None
 
     # -------------------------------------------------------------------------- building
     def configure_model(self) -> None:
@@ -114,16 +124,21 @@ class PVAModule(L.LightningModule):
             self.log(f"lr_effective/{name}", lr, rank_zero_only=True)
 
     # -------------------------------------------------------------------------- training
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         """Epsilon MSE on ``timestep_draws`` stratified timesteps per image."""
         hp = self.hparams
         loss = self._require_model().training_loss(
             batch, hp.timestep_draws, hp.text_dropout, hp.identity_dropout
         )
         if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite training loss {loss.item()} at step {self.global_step}"
-            )
+            if hp.nonfinite == "raise":
+                raise FloatingPointError(
+                    f"non-finite training loss {loss.item()} at step {self.global_step} "
+                    f"(set model.nonfinite: skip to skip such batches)"
+                )
+            self.nonfinite_skipped += 1
+            self.log("train/nonfinite_skipped", float(self.nonfinite_skipped))
+            return None
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["prompt"]))
         if "skipped" in batch:  # corrupt or unknown shard records skipped by the data stream
             self.log(
@@ -133,6 +148,28 @@ class PVAModule(L.LightningModule):
                 batch_size=len(batch["prompt"]),
             )
         return loss
+
+    def setup(self, stage: str) -> None:
+        """Refuse ``nonfinite: skip`` under several processes (ranks must step together)."""
+        if self.hparams.nonfinite == "skip" and self.trainer.world_size > 1:
+            raise ValueError("model.nonfinite: skip works in single-process runs only")
+
+    def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Start the step clock (samples/s)."""
+        self._step_start = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
+        """Log samples/s of this batch (per device)."""
+        if self._step_start is not None:
+            seconds = time.perf_counter() - self._step_start
+            self.log("train/samples_per_s", len(batch["prompt"]) / max(seconds, 1e-9))
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Log the global L2 norm of the trainable parameters' gradients."""
+        grads = [p.grad.detach().float().norm() for g in optimizer.param_groups
+                 for p in g["params"] if p.grad is not None]  # fmt: skip
+        if grads:
+            self.log("train/grad_norm", torch.stack(grads).norm())
 
     # ----------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

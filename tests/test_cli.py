@@ -78,11 +78,17 @@ def test_bench_attention_prints_its_table():
 
 
 def test_every_shipped_config_parses_through_the_cli(tmp_path):
+    overlays = {"ddp.yaml"}  # parsed on top of stage1.yaml
     for config in sorted((REPO / "configs").glob("*.yaml")):
-        res = _run(sys.executable, "train.py", "fit", "--config", str(config), "--print_config")
+        args = ["--config", str(config)]
+        if config.name in overlays:
+            args = ["--config", str(REPO / "configs/stage1.yaml"), *args]
+        res = _run(sys.executable, "train.py", "fit", *args, "--print_config")
         assert res.returncode == 0, (config, res.stderr[-3000:])
         printed = yaml.safe_load(res.stdout)
         assert printed["model"]["backbone"] and printed["data"]["class_path"]
+        if config.name == "ddp.yaml":
+            assert printed["trainer"]["strategy"] == "ddp" and printed["trainer"]["num_nodes"] == 2
 
 
 def test_train_py_fits_the_quickstart_config(tiny_assets, tmp_path):

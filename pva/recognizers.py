@@ -1,0 +1,104 @@
+"""Face recognizers that SCORE identity similarity (never the one that conditions the model).
+
+METHOD section 8: identity similarity is the cosine between the output and the ground-truth image
+under a recognizer different from the conditioning one. Backends:
+
+* ``dlib`` (default, offline): dlib's 128-d ResNet from ``face-recognition-models``.
+* a path to an arcface_torch IResNet ``.pth`` (the paper: Glint360K CosFace R100), run on
+  5-point-aligned 112x112 crops.
+
+Faces are located with the ground-truth landmarks of the image being scored (the output and its
+ground truth share the geometry outside the mask), so a failed detection on a poor output never
+silently drops a sample.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pva.faces import align_face
+
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8."""
+    arr = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte()
+    return arr.permute(0, 2, 3, 1).cpu().numpy()
+
+
+class Recognizer:
+    """Embeds faces given their 68 landmarks; ``similarity`` is the cosine of embeddings."""
+
+    name = "recognizer"
+
+    def embed(self, images: np.ndarray, landmarks: np.ndarray) -> Tensor:
+        """(N, H, W, 3) uint8 and (N, 68, 2) landmarks -> (N, D) unit vectors."""
+        raise NotImplementedError
+
+    def similarity(self, a: Tensor, b: Tensor, landmarks: np.ndarray) -> Tensor:
+        """Cosine similarity per pair of (N, 3, H, W) images in [-1, 1] -> (N,)."""
+        ea = self.embed(to_uint8(a), landmarks)
+        eb = self.embed(to_uint8(b), landmarks)
+        return (ea * eb).sum(-1)
+
+
+@cache
+def _dlib_recognizer():
+    import dlib
+
+    import pva.faces as faces
+
+    with faces.warnings.catch_warnings():
+        faces.warnings.simplefilter("ignore")
+        import face_recognition_models as frm
+
+    return dlib.face_recognition_model_v1(frm.face_recognition_model_location())
+
+
+class DlibRecognizer(Recognizer):
+    """dlib's 128-d face-recognition ResNet (real pretrained weights, installed offline)."""
+
+    name = "dlib"
+
+    def embed(self, images: np.ndarray, landmarks: np.ndarray) -> Tensor:  # noqa: D102
+        import dlib
+
+        from pva.faces import _dlib_models
+
+        _, predictor = _dlib_models()
+        model = _dlib_recognizer()
+        out = []
+        for img, lm in zip(images, landmarks):
+            (x0, y0), (x1, y1) = lm.min(0), lm.max(0)
+            rect = dlib.rectangle(int(x0), int(y0), int(x1), int(y1))
+            shape = predictor(np.ascontiguousarray(img), rect)
+            out.append(np.array(model.compute_face_descriptor(np.ascontiguousarray(img), shape)))
+        return F.normalize(torch.tensor(np.stack(out), dtype=torch.float32), dim=-1)
+
+
+class IResNetRecognizer(Recognizer):
+    """An arcface_torch IResNet ``.pth`` (e.g. ``glint360k_cosface_r100.pth``) on aligned faces."""
+
+    def __init__(self, path: str | Path) -> None:
+        from pva.identity import load_iresnet
+
+        self.model = load_iresnet(path)
+        self.name = f"iresnet:{Path(path).name}"
+
+    @torch.no_grad()
+    def embed(self, images: np.ndarray, landmarks: np.ndarray) -> Tensor:  # noqa: D102
+        crops = np.stack([align_face(img, lm) for img, lm in zip(images, landmarks)])
+        x = torch.from_numpy(crops).float().permute(0, 3, 1, 2) / 127.5 - 1.0  # (N, 3, 112, 112)
+        return F.normalize(self.model(x), dim=-1)
+
+
+def build_recognizer(spec: str = "dlib") -> Recognizer:
+    """``"dlib"`` or a path to an arcface_torch ``.pth``."""
+    if spec == "dlib":
+        return DlibRecognizer()
+    return IResNetRecognizer(spec)

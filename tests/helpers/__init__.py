@@ -1,0 +1,1 @@
+"""Helpers importable by subprocesses of the tests (PYTHONPATH=tests)."""

@@ -1,0 +1,43 @@
+"""A callback that writes each rank's view of training to JSON, for subprocess tests."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import lightning as L
+
+
+def adapter_digest(module) -> str:
+    """sha256 of the adapter tensors (names and bytes)."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.model.adapter_state_dict().items()):
+        h.update(k.encode())
+        h.update(v.float().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+class DumpRankState(L.Callback):
+    """Records start step/digest, per-step samples seen, and the final digest, per rank."""
+
+    def __init__(self, out: str = "dump") -> None:
+        self.out = Path(out)
+        self.state: dict = {"samples": []}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.state["start_step"] = trainer.global_step
+        self.state["start_digest"] = adapter_digest(pl_module)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.state["samples"].append([f"{p}/{f}" for p, f in zip(batch["person"], batch["file"])])
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.state["end_step"] = trainer.global_step
+        self.state["end_digest"] = adapter_digest(pl_module)
+        self.state["world_size"] = trainer.world_size
+        self.out.mkdir(parents=True, exist_ok=True)
+        rank = trainer.global_rank
+        (self.out / f"rank{rank}.json").write_text(json.dumps(self.state))
+        (self.out / f"pid{rank}").write_text(str(os.getpid()))
