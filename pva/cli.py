@@ -82,6 +82,16 @@ def _bench_data(args: argparse.Namespace) -> None:
     )
 
 
+def _bench_step(args: argparse.Namespace) -> None:
+    import torch
+
+    from pva.bench.step import bench_step
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bench_step(batch_size=args.batch_size, refs=args.refs, repeats=args.repeats)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``pva`` command."""
     parser = argparse.ArgumentParser(
@@ -198,6 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--samples", type=int, default=60, help="samples timed per layout (60)")
     d.add_argument("--build-workers", type=int, default=2, help="shard-build processes (2)")
     d.set_defaults(func=_bench_data)
+    st = bench_sub.add_parser(
+        "step",
+        help="PVA training step vs the frozen base UNet's forward+backward (tiny, mid; CPU)",
+    )
+    st.add_argument("--batch-size", type=int, default=2, help="images per step (default: 2)")
+    st.add_argument("--refs", type=int, default=5, help="references per image (default: 5)")
+    st.add_argument("--repeats", type=int, default=5, help="timed runs per row (default: 5)")
+    st.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    st.set_defaults(func=_bench_step)
     return parser
 
 

@@ -194,3 +194,10 @@ def test_shards_build_cli_and_bench_data(tmp_path):
     )
     assert bench.returncode == 0, bench.stderr[-3000:]
     assert "ratio (ours / naive)" in bench.stdout and "workers one GPU needs" in bench.stdout
+
+
+def test_bench_step_prints_both_configurations():
+    res = _run(sys.executable, "-m", "pva.cli", "bench", "step", "--repeats", "1", "--refs", "2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    for needle in ("tiny:", "mid:", "base UNet fwd+bwd", "PVA UNet fwd+bwd", "full PVA step"):
+        assert needle in res.stdout
