@@ -21,6 +21,7 @@ import dataclasses
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from pva.model import PVAConfig, PVAModel
 
 ADAPTER_FORMAT = "pva-adapter"
 ADAPTER_VERSION = 1
+_CROSSQKV = (".attn2.to_q.", ".attn2.to_k.", ".attn2.to_v.")
 _GROUP_PREFIXES = {
     "projection": "identity_encoder.projection.",
     "token": "modifier_token.",
@@ -55,19 +57,30 @@ def backbone_signature(model: PVAModel) -> dict[str, int]:
 
 
 def _group_of(key: str) -> str:
+    if any(part in key for part in _CROSSQKV):
+        return "crossqkv"
     for group, prefix in _GROUP_PREFIXES.items():
         if key.startswith(prefix):
             return group
     return "pva"
 
 
-def save_adapter(model: PVAModel, path: str | os.PathLike, overwrite: bool = False) -> Path:
+def save_adapter(
+    model: PVAModel,
+    path: str | os.PathLike,
+    overwrite: bool = False,
+    extra_keys: Iterable[str] = (),
+    paths: dict[str, str] | None = None,
+) -> Path:
     """Write the model's adapter weights to ``path`` (temporary file, then rename).
 
     Args:
         model: The PVA model.
         path: Destination ``.safetensors`` file.
         overwrite: Replace an existing file.
+        extra_keys: More ``state_dict`` keys to store (CrossQKV-FT's ``attn2.to_{q,k,v}``).
+        paths: Optional ``{"backbone": ..., "face_model": ...}`` recorded in the header, so
+            ``pva inpaint`` can find them; default: the paths the model was loaded from.
 
     Returns:
         The path written.
@@ -79,6 +92,8 @@ def save_adapter(model: PVAModel, path: str | os.PathLike, overwrite: bool = Fal
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite)")
     tensors = {k: v.contiguous().cpu() for k, v in model.adapter_state_dict().items()}
+    state = model.state_dict()
+    tensors.update({k: state[k].detach().contiguous().cpu() for k in extra_keys})
     header = {
         "format": ADAPTER_FORMAT,
         "version": ADAPTER_VERSION,
@@ -87,6 +102,9 @@ def save_adapter(model: PVAModel, path: str | os.PathLike, overwrite: bool = Fal
         "backbone": backbone_signature(model),
         "modifier_token": model.modifier_token.token,
     }
+    paths = paths if paths is not None else getattr(model, "source_paths", None)
+    if paths:
+        header["paths"] = {k: str(v) for k, v in paths.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
@@ -174,7 +192,8 @@ def load_adapter(model: PVAModel, path: str | os.PathLike) -> dict[str, Any]:
                 f"adapter '{path}': '{key}' has shape {tuple(value.shape)}, the model expects "
                 f"{tuple(state[key].shape)}"
             )
-    required = [k for k in state if model.is_adapter_key(k) and _group_of(k) != "face_backbone"]
+    required = [k for k in state if model.is_adapter_key(k)
+                and _group_of(k) not in ("face_backbone", "crossqkv")]  # fmt: skip
     absent = [k for k in required if k not in tensors]
     if absent:
         raise AdapterMismatchError(

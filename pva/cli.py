@@ -22,6 +22,47 @@ def _quickstart(args: argparse.Namespace) -> None:
     )
 
 
+def _personalize(args: argparse.Namespace) -> None:
+    from pva.apps import personalize_cli
+
+    personalize_cli(
+        args.adapter, args.refs, args.out, steps=args.steps, variant=args.variant, seed=args.seed,
+        backbone=args.backbone, face_model=args.face_model, overwrite=args.overwrite,
+        skip_bad_refs=args.skip_bad_refs,
+    )  # fmt: skip
+
+
+def _inpaint(args: argparse.Namespace) -> None:
+    from pva.apps import inpaint_cli
+
+    inpaint_cli(
+        args.adapter, args.image, args.refs, args.out, prompt=args.prompt, mask=args.mask,
+        mask_region=args.mask_region, mode=args.mode, guidance=args.guidance, steps=args.steps,
+        eta=args.eta, seed=args.seed, num_images=args.num_images, paste_back=args.paste_back,
+        backbone=args.backbone, face_model=args.face_model, overwrite=args.overwrite,
+        skip_bad_refs=args.skip_bad_refs,
+    )  # fmt: skip
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", required=True, help="adapter .safetensors (training output)")
+    p.add_argument(
+        "--backbone", default=None, help="SD2-inpainting folder (default: recorded in the adapter)"
+    )
+    p.add_argument(
+        "--face-model",
+        default=None,
+        help="conditioning arcface_torch .pth (default: recorded in the adapter)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing --out files")
+    p.add_argument(
+        "--skip-bad-refs",
+        action="store_true",
+        help="skip reference photos without a detectable face (default: fail, naming it)",
+    )
+
+
 def _tiny_assets(args: argparse.Namespace) -> None:
     from pva.tiny import write_tiny_assets
 
@@ -129,6 +170,70 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     q.set_defaults(func=_quickstart)
 
+    pz = sub.add_parser(
+        "personalize",
+        help="fine-tune an adapter to one person (or each person of a folder) in 40 steps",
+        description=(
+            "METHOD section 7: each reference in turn is the target with its wholeface box "
+            "mask, the others are the references; 2 stratified timesteps per step; AdamW lr "
+            "1e-5 (token 1e-3). Every person starts from the same weights."
+        ),
+    )
+    _model_flags(pz)
+    pz.add_argument("--refs", required=True, help="folder of one person's photos, or of persons")
+    pz.add_argument("--out", required=True, help="output .safetensors (a folder for persons)")
+    pz.add_argument("--steps", type=int, default=40, help="optimizer steps (default: 40)")
+    pz.add_argument(
+        "--variant",
+        choices=["pva", "crossqkv"],
+        default="pva",
+        help="pva: visual Q/K/V + token (PVA-FT); crossqkv: also the cross-attention Q/K/V",
+    )
+    pz.set_defaults(func=_personalize)
+
+    ip = sub.add_parser(
+        "inpaint",
+        help="inpaint or edit a photo of the person",
+        description=(
+            "Finds the face, inpaints a face-centred square at the model resolution with DDIM "
+            "and one batched classifier-free-guidance UNet call per step, and composites the "
+            "result back into the photo."
+        ),
+    )
+    _model_flags(ip)
+    ip.add_argument("--image", required=True, help="photo to fill (any size)")
+    grp = ip.add_mutually_exclusive_group(required=True)
+    grp.add_argument("--mask", help="mask image, white = fill, same size as --image")
+    grp.add_argument(
+        "--mask-region",
+        choices=["lowerface", "eyebrow", "wholeface", "random"],
+        help="a mask from dlib landmarks on --image",
+    )
+    ip.add_argument("--refs", required=True, help="folder of reference photos of the person")
+    ip.add_argument(
+        "--prompt", default="photo of a <new1> person", help="prompt (default: %(default)s)"
+    )
+    ip.add_argument(
+        "--mode",
+        choices=["inpaint", "edit"],
+        default="inpaint",
+        help="inpaint: identity only in the conditional branch; edit: in both (METHOD 8)",
+    )
+    ip.add_argument(
+        "--guidance", type=float, default=6.0, help="CFG scale (default: 6; edit: 15-30)"
+    )
+    ip.add_argument("--steps", type=int, default=100, help="DDIM steps (default: 100)")
+    ip.add_argument("--eta", type=float, default=1.0, help="DDIM eta (default: 1.0)")
+    ip.add_argument("--num-images", type=int, default=1, help="outputs (default: 1)")
+    ip.add_argument(
+        "--paste-back",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep every pixel outside the mask equal to the input (default: on)",
+    )
+    ip.add_argument("--out", required=True, help="output .png")
+    ip.set_defaults(func=_inpaint)
+
     t = sub.add_parser(
         "tiny-assets",
         help="write a tiny random SD2-inpainting folder and ArcFace .pth (for configs/tiny.yaml)",
@@ -226,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
     try:
         args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as err:
         print(f"pva {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -177,10 +177,14 @@ def align_face(image: np.ndarray, landmarks: np.ndarray, size: int = 112) -> np.
 
 @dataclass
 class FaceCrop:
-    """A face-centred square crop: the image and its landmarks in the crop's pixels."""
+    """A square crop: the image, its landmarks in the crop's pixels, and where it came from.
+
+    ``box`` is ``(left, top, side)`` in the source photo's pixels (may extend past its edges).
+    """
 
     image: np.ndarray
     landmarks: np.ndarray
+    box: tuple[int, int, int] = (0, 0, 0)
 
 
 def face_centred_crop(
@@ -202,7 +206,7 @@ def face_centred_crop(
     crop = src[top + pad : top + pad + side_i, left + pad : left + pad + side_i]
     out = np.asarray(Image.fromarray(crop).resize((size, size), Image.LANCZOS))
     pts = (landmarks - np.array([left, top], dtype=np.float32)) * (size / side_i)
-    return FaceCrop(out, pts.astype(np.float32))
+    return FaceCrop(out, pts.astype(np.float32), (left, top, side_i))
 
 
 def resize_square(image: np.ndarray, landmarks: np.ndarray, size: int) -> FaceCrop:
@@ -210,4 +214,4 @@ def resize_square(image: np.ndarray, landmarks: np.ndarray, size: int) -> FaceCr
     h, w = image.shape[:2]
     out = np.asarray(Image.fromarray(image).resize((size, size), Image.LANCZOS))
     pts = landmarks * np.array([size / w, size / h], dtype=np.float32)
-    return FaceCrop(out, pts.astype(np.float32))
+    return FaceCrop(out, pts.astype(np.float32), (0, 0, max(h, w)))

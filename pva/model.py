@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +83,7 @@ class PVAModel(nn.Module):
     def __init__(self, backbone: Backbone, face_backbone: IResNet, config: PVAConfig | None = None):
         super().__init__()
         self.config = config = config or PVAConfig()
+        self.source_paths: dict[str, str] | None = None  # set by from_paths
         self.vae = backbone.vae
         self.text_encoder = backbone.text_encoder
         self.unet = backbone.unet
@@ -131,7 +133,13 @@ class PVAModel(nn.Module):
             config: Architecture options.
             torch_dtype: Dtype of the frozen backbone weights.
         """
-        return cls(load_backbone(backbone, torch_dtype), load_iresnet(face_model), config)
+        model = cls(load_backbone(backbone, torch_dtype), load_iresnet(face_model), config)
+        local = Path(backbone).expanduser()
+        model.source_paths = {
+            "backbone": str(local.resolve()) if local.exists() else str(backbone),
+            "face_model": str(Path(face_model).expanduser().resolve()),
+        }
+        return model
 
     # ----------------------------------------------------------------- trainable parameters
     def train(self, mode: bool = True) -> PVAModel:

@@ -29,6 +29,7 @@ def ddim_inpaint(
     reference_mask: Tensor | None = None,
     paste_back: bool = False,
     progress: bool = False,
+    identity_tokens: Tensor | None = None,
 ) -> Tensor:
     """Fill ``masks`` in ``images`` with DDIM, conditioned on text and reference photos.
 
@@ -53,6 +54,8 @@ def ddim_inpaint(
         reference_mask: Optional (B, K) bool validity of references.
         paste_back: Copy the input's pixels outside the mask into the output.
         progress: Show a progress bar over steps.
+        identity_tokens: (B, n_id, D) precomputed identity tokens (then ``references`` is
+            ignored), e.g. one encoder pass reused for several outputs.
 
     Returns:
         (B, 3, H, W) in [-1, 1].
@@ -63,7 +66,9 @@ def ddim_inpaint(
     images, masks = images.to(device), masks.to(device)
     mask_latent, masked_latent = model.inpaint_conditioning(images, masks, generator)
     text = model.encode_prompt(list(prompts))  # (B, 77, D)
-    ident = None if references is None else model.encode_identity(references, reference_mask)
+    ident = identity_tokens
+    if ident is None and references is not None:
+        ident = model.encode_identity(references, reference_mask)  # once per run, not per step
     cfg = guidance_scale != 1.0
     identity_mask = None
     if cfg:

@@ -1,0 +1,180 @@
+"""What ``pva personalize`` and ``pva inpaint`` do (the CLI in :mod:`pva.cli` parses flags)."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from pva.adapter import read_adapter, save_adapter
+from pva.faces import BadImageError, detect_landmarks, face_centred_crop, load_rgb, region_box
+from pva.model import TEMPLATE
+from pva.personalize import FTVariant, personalized, trainable_for
+from pva.pipeline import PVAInpaintPipeline, _to_tensor
+from pva.shards import IMAGE_EXTS
+
+
+def _photo_files(folder: Path) -> list[Path]:
+    return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
+
+
+def resolve_paths(adapter: str, backbone: str | None, face_model: str | None) -> tuple[str, str]:
+    """``--backbone`` / ``--face-model``, defaulting to the paths recorded in the adapter."""
+    _, header = read_adapter(adapter)
+    recorded = header.get("paths", {})
+    backbone = backbone or recorded.get("backbone")
+    face_model = face_model or recorded.get("face_model")
+    if not backbone:
+        raise ValueError(f"--backbone is required (adapter '{adapter}' records no backbone path)")
+    if not face_model:
+        raise ValueError(f"--face-model is required (adapter '{adapter}' records none)")
+    return backbone, face_model
+
+
+def load_pipeline(adapter: str, backbone: str | None, face_model: str | None):
+    """The pipeline with the adapter loaded."""
+    backbone, face_model = resolve_paths(adapter, backbone, face_model)
+    pipe = PVAInpaintPipeline.from_pretrained(backbone)
+    return pipe.load_pva(adapter, face_model)
+
+
+def person_tensors(pipe: PVAInpaintPipeline, files: list[Path], skip_bad: bool) -> dict:
+    """Detect, crop (model resolution) and box one person's photos for personalization."""
+    assert pipe.pva is not None
+    size, images, refs, boxes, used = pipe.resolution, [], [], [], []
+    for f in files:
+        try:
+            rgb = load_rgb(f)
+            found = detect_landmarks(rgb)
+            if found is None:
+                raise ValueError(f"no face detected in reference '{f}'")
+        except (BadImageError, ValueError) as err:
+            if not skip_bad:
+                raise ValueError(f"reference '{f}': {err}") from None
+            warnings.warn(f"{err}; skipping it", stacklevel=2)
+            continue
+        crop = face_centred_crop(rgb, found[0], size)
+        images.append(_to_tensor(crop.image))
+        refs.append(pipe._reference_tensors([crop.image], False)[0][0])
+        boxes.append(region_box(crop.landmarks, "wholeface", (size, size)))
+        used.append(f.name)
+    if len(images) < 2:
+        raise ValueError(f"need at least 2 usable photos of the person, found {len(images)}")
+    return {"images": torch.stack(images), "references": torch.stack(refs), "boxes": boxes,
+            "files": used}  # fmt: skip
+
+
+def personalize_cli(
+    adapter: str,
+    refs: str,
+    out: str,
+    steps: int = 40,
+    variant: FTVariant = "pva",
+    seed: int = 0,
+    backbone: str | None = None,
+    face_model: str | None = None,
+    overwrite: bool = False,
+    skip_bad_refs: bool = False,
+) -> list[Path]:
+    """Personalize ``adapter`` to the person(s) in ``refs``; write one adapter per person.
+
+    ``refs`` is a folder of one person's photos (``out`` is then a file), or a folder of person
+    folders (``out`` is then a folder receiving ``<person>.safetensors``). Every person starts
+    from the same, bit-identical weights.
+    """
+    refs_dir, out_path = Path(refs), Path(out)
+    if not refs_dir.is_dir():
+        raise FileNotFoundError(f"--refs '{refs_dir}' is not a folder")
+    photos = _photo_files(refs_dir)
+    if photos:
+        persons = {refs_dir.name: (photos, out_path)}
+    else:
+        folders = sorted(p for p in refs_dir.iterdir() if p.is_dir())
+        if not folders:
+            raise ValueError(f"--refs '{refs_dir}' holds no photos and no person folders")
+        persons = {p.name: (_photo_files(p), out_path / f"{p.name}.safetensors") for p in folders}
+    for _, target in persons.values():
+        if target.exists() and not overwrite:
+            raise FileExistsError(f"--out '{target}' exists; pass --overwrite")
+    pipe = load_pipeline(adapter, backbone, face_model)
+    model = pipe.pva
+    assert model is not None
+    extra = []
+    if variant == "crossqkv":
+        extra = [k for k, _ in trainable_for(model, "crossqkv")["attention"]
+                 if not model.is_adapter_key(k)]  # fmt: skip
+    written = []
+    for person, (files, target) in persons.items():
+        data = person_tensors(pipe, files, skip_bad_refs)
+        t0 = time.perf_counter()
+        with personalized(model, data["images"], data["references"], data["boxes"], steps=steps,
+                          variant=variant, seed=seed, progress=True) as result:  # fmt: skip
+            paths = {"backbone": resolve_paths(adapter, backbone, face_model)[0],
+                     "face_model": resolve_paths(adapter, backbone, face_model)[1]}  # fmt: skip
+            save_adapter(model, target, overwrite=True, extra_keys=extra, paths=paths)
+        print(
+            f"{person}: {len(data['files'])} photos, {steps} steps, "
+            f"{time.perf_counter() - t0:.1f} s (final loss {result.losses[-1]:.4f}) -> {target}"
+        )
+        written.append(target)
+    return written
+
+
+def inpaint_cli(
+    adapter: str,
+    image: str,
+    refs: str,
+    out: str,
+    prompt: str = TEMPLATE.format("<new1>"),
+    mask: str | None = None,
+    mask_region: str | None = None,
+    mode: str = "inpaint",
+    guidance: float = 6.0,
+    steps: int = 100,
+    eta: float = 1.0,
+    seed: int = 0,
+    num_images: int = 1,
+    paste_back: bool = True,
+    backbone: str | None = None,
+    face_model: str | None = None,
+    overwrite: bool = False,
+    skip_bad_refs: bool = False,
+) -> list[Path]:
+    """Inpaint or edit ``image``; write ``out`` (``out_1.png``... for several images)."""
+    if (mask is None) == (mask_region is None):
+        raise ValueError("give exactly one of --mask and --mask-region")
+    out_path = Path(out)
+    targets = [out_path] if num_images == 1 else [
+        out_path.with_name(f"{out_path.stem}_{i}{out_path.suffix}") for i in range(num_images)
+    ]  # fmt: skip
+    for target in targets:
+        if target.exists() and not overwrite:
+            raise FileExistsError(f"--out '{target}' exists; pass --overwrite")
+    if not Path(image).is_file():
+        raise FileNotFoundError(f"--image '{image}' not found")
+    if mask is not None and not Path(mask).is_file():
+        raise FileNotFoundError(f"--mask '{mask}' not found")
+    refs_dir = Path(refs)
+    if not refs_dir.is_dir():
+        raise FileNotFoundError(f"--refs '{refs_dir}' is not a folder")
+    ref_files = _photo_files(refs_dir)
+    if not ref_files:
+        raise ValueError(f"--refs '{refs_dir}' holds no photos")
+    pipe = load_pipeline(adapter, backbone, face_model)
+    gen = torch.Generator().manual_seed(seed)
+    result = pipe(
+        image, mask_image=mask, reference_images=ref_files, prompt=prompt, mask_region=mask_region,
+        mode=mode, guidance_scale=guidance, num_inference_steps=steps, eta=eta, generator=gen,
+        num_images_per_prompt=num_images, paste_back=paste_back,
+        skip_bad_references=skip_bad_refs, progress=True,
+    )  # fmt: skip
+    for img, target in tqdm(list(zip(result.images, targets)), desc="saving", disable=True):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp.png")
+        img.save(tmp)
+        tmp.replace(target)
+        print(f"wrote {target}")
+    return targets

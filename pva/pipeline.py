@@ -1,0 +1,365 @@
+"""``PVAInpaintPipeline``: a diffusers pipeline for personalized face inpainting and editing.
+
+::
+
+    pipe = PVAInpaintPipeline.from_pretrained("./sd2-inpainting")
+    pipe.load_pva("pva.safetensors", face_model="./ms1mv3_arcface_r50.pth")
+    out = pipe(image, mask_region="lowerface", reference_images=refs,
+               prompt="photo of a <new1> person, smiling").images[0]
+
+Photos of any size work: the face is found with dlib, a face-centred square around it is inpainted
+at the model resolution, and the result is composited back. With ``paste_back`` (default) every
+pixel outside the mask equals the input exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.utils import BaseOutput
+from PIL import Image
+
+from pva.adapter import config_from_adapter, load_adapter, read_adapter, save_adapter
+from pva.backbone import Backbone, load_backbone
+from pva.faces import (
+    BadImageError,
+    _to_rgb,
+    align_face,
+    detect_landmarks,
+    face_centred_crop,
+    load_rgb,
+    region_box,
+)
+from pva.identity import load_iresnet, save_iresnet
+from pva.model import TEMPLATE, UNCOND_PROMPT, PVAModel
+from pva.sampling import ddim_inpaint
+
+ImageInput = str | os.PathLike | Image.Image | np.ndarray
+MaskRegion = Literal["lowerface", "eyebrow", "wholeface", "random"]
+
+
+@dataclass
+class PVAInpaintOutput(BaseOutput):
+    """Pipeline output: ``images`` (PIL, the input's size)."""
+
+    images: list[Image.Image]
+
+
+def as_rgb(image: ImageInput, name: str = "image") -> np.ndarray:
+    """A path, PIL image or array -> (H, W, 3) uint8 RGB (EXIF orientation applied)."""
+    if isinstance(image, str | os.PathLike):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"{name} '{path}' not found")
+        try:
+            return load_rgb(path)
+        except BadImageError as err:
+            raise ValueError(f"{name} '{path}': {err}") from None
+    if isinstance(image, Image.Image):
+        from PIL import ImageOps
+
+        return _to_rgb(ImageOps.exif_transpose(image))
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = np.stack([arr] * 3, -1)
+    if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
+        raise ValueError(f"{name}: expected (H, W, 3) or (H, W, 4), got {arr.shape}")
+    return np.ascontiguousarray(arr[..., :3].astype(np.uint8))
+
+
+def _to_tensor(arr: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float in [-1, 1]."""
+    return torch.from_numpy(arr.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+
+
+def _place(canvas_hw: tuple[int, int], crop: np.ndarray, box: tuple[int, int, int]) -> np.ndarray:
+    """Resize a (S, S[, C]) crop to the box side and place it on a zero canvas of the photo size."""
+    h, w = canvas_hw
+    left, top, side = box
+    resized = np.asarray(Image.fromarray(crop).resize((side, side), Image.BICUBIC))
+    canvas = np.zeros((h, w, *crop.shape[2:]), dtype=crop.dtype)
+    x0, y0, x1, y1 = max(left, 0), max(top, 0), min(left + side, w), min(top + side, h)
+    if x1 > x0 and y1 > y0:
+        canvas[y0:y1, x0:x1] = resized[y0 - top : y1 - top, x0 - left : x1 - left]
+    return canvas
+
+
+def _crop_mask(mask: np.ndarray, box: tuple[int, int, int], size: int) -> np.ndarray:
+    """Cut the face square out of a full-size bool mask (zeros beyond the photo) -> (S, S)."""
+    left, top, side = box
+    h, w = mask.shape
+    pad = max(0, -left, -top, left + side - w, top + side - h)
+    src = np.pad(mask, pad) if pad else mask
+    cut = src[top + pad : top + pad + side, left + pad : left + pad + side]
+    img = Image.fromarray(cut.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)
+    return np.asarray(img) > 127
+
+
+class PVAInpaintPipeline(DiffusionPipeline):
+    """Stable Diffusion 2 inpainting with Parallel Visual Attention (see the module docstring).
+
+    Args:
+        vae: SD2 VAE.
+        text_encoder: CLIP text encoder.
+        tokenizer: CLIP tokenizer.
+        unet: 9-channel inpainting UNet.
+        scheduler: DDIM scheduler.
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler) -> None:
+        super().__init__()
+        self.register_modules(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler
+        )
+        self.pva: PVAModel | None = None
+        self._pristine: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
+        """Load the backbone folder (our offline loader); load ``pva/`` inside it if present.
+
+        Args:
+            pretrained_model_name_or_path: SD2-inpainting folder (or cached hub id), possibly
+                written by :meth:`save_pretrained` (then it holds ``pva/adapter.safetensors``
+                and ``pva/face.pth``).
+            **kwargs: ``torch_dtype`` only.
+        """
+        dtype = kwargs.pop("torch_dtype", torch.float32)
+        if kwargs:
+            raise TypeError(f"unsupported arguments: {sorted(kwargs)}")
+        b = load_backbone(pretrained_model_name_or_path, dtype)
+        pipe = cls(b.vae, b.text_encoder, b.tokenizer, b.unet, b.scheduler)
+        pva_dir = Path(pretrained_model_name_or_path) / "pva"
+        if (pva_dir / "adapter.safetensors").is_file():
+            pipe.load_pva(pva_dir / "adapter.safetensors", pva_dir / "face.pth")
+        return pipe
+
+    def load_pva(self, adapter: str | os.PathLike, face_model: str | os.PathLike | None = None):
+        """Install the PVA pathway and load an adapter file (replacing any earlier one).
+
+        Args:
+            adapter: Adapter ``.safetensors`` (``pva personalize`` or training output).
+            face_model: arcface_torch ``.pth`` of the conditioning recognizer; default: the path
+                recorded in the adapter, if it exists.
+
+        Returns:
+            The pipeline.
+        """
+        _, header = read_adapter(adapter)
+        if face_model is None:
+            face_model = header.get("paths", {}).get("face_model")
+            if not face_model or not Path(face_model).is_file():
+                raise FileNotFoundError(
+                    f"adapter '{adapter}' needs its face model: pass face_model= (--face-model),"
+                    f" an arcface_torch .pth"
+                )
+        if self.pva is None:
+            backbone = Backbone(self.vae, self.text_encoder, self.tokenizer, self.unet,
+                                self.scheduler)  # fmt: skip
+            self.pva = PVAModel(backbone, load_iresnet(face_model), config_from_adapter(adapter))
+        else:  # a fresh start for every adapter: undo CrossQKV-FT weights of an earlier one
+            state = self.pva.state_dict()
+            with torch.no_grad():
+                for key, value in self._pristine.items():
+                    state[key].copy_(value)
+            self.pva.identity_encoder.backbone.load_state_dict(
+                load_iresnet(face_model).state_dict()
+            )
+        tensors, _ = read_adapter(adapter)
+        state = self.pva.state_dict()
+        for key in tensors:
+            if not self.pva.is_adapter_key(key) and key not in self._pristine and key in state:
+                self._pristine[key] = state[key].detach().clone()
+        load_adapter(self.pva, adapter)
+        self.pva.eval()
+        self._paths = {"adapter": str(adapter), "face_model": str(face_model)}
+        return self
+
+    def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = False, **_):
+        """Write the backbone folder plus ``pva/adapter.safetensors`` and ``pva/face.pth``.
+
+        The backbone is written as a stock SD2-inpainting folder (the UNet without the PVA
+        processors), so :meth:`from_pretrained` and diffusers alike can read it.
+        """
+        path = Path(save_directory)
+        procs = self.unet.attn_processors
+        self.unet.set_attn_processor(AttnProcessor2_0())
+        try:
+            Backbone(self.vae, self.text_encoder, self.tokenizer, self.unet,
+                     self.scheduler).save_pretrained(path, overwrite=overwrite)  # fmt: skip
+        finally:
+            self.unet.set_attn_processor(procs)
+        if self.pva is not None:
+            save_adapter(self.pva, path / "pva" / "adapter.safetensors", overwrite=True)
+            save_iresnet(self.pva.identity_encoder.backbone, path / "pva" / "face.pth")
+        return path
+
+    # --------------------------------------------------------------------------- photos
+    @property
+    def resolution(self) -> int:
+        """Model resolution (512 for SD2)."""
+        return int(self.unet.config.sample_size) * 2 ** (
+            len(self.vae.config.block_out_channels) - 1
+        )
+
+    def _reference_tensors(
+        self, images: Sequence[ImageInput], skip_bad: bool
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Detect and crop references as the identity encoder expects: (K, 3, R, R)."""
+        assert self.pva is not None
+        crops, used = [], []
+        for i, ref in enumerate(images):
+            label = str(ref) if isinstance(ref, str | os.PathLike) else f"#{i}"
+            try:
+                rgb = as_rgb(ref, f"reference {label}")
+                found = detect_landmarks(rgb)
+                if found is None:
+                    raise ValueError(f"no face detected in reference {label}")
+            except (ValueError, FileNotFoundError) as err:
+                if not skip_bad:
+                    raise
+                warnings.warn(f"{err}; skipping it", stacklevel=3)
+                continue
+            lm = found[0]
+            if self.pva.config.face_crop == "none":
+                crops.append(_to_tensor(align_face(rgb, lm)))
+            else:
+                crops.append(_to_tensor(face_centred_crop(rgb, lm, 256).image))
+            used.append(i)
+        if not crops:
+            raise ValueError("no usable reference photo (each needs a detectable face)")
+        return torch.stack(crops), used
+
+    # ----------------------------------------------------------------------------- call
+    @torch.no_grad()
+    def __call__(
+        self,
+        image: ImageInput,
+        mask_image: ImageInput | None = None,
+        reference_images: Sequence[ImageInput] = (),
+        prompt: str = TEMPLATE.format("<new1>"),
+        negative_prompt: str = UNCOND_PROMPT,
+        mask_region: MaskRegion | None = None,
+        mode: Literal["inpaint", "edit"] = "inpaint",
+        guidance_scale: float = 6.0,
+        num_inference_steps: int = 100,
+        eta: float = 1.0,
+        generator: torch.Generator | None = None,
+        num_images_per_prompt: int = 1,
+        paste_back: bool = True,
+        skip_bad_references: bool = False,
+        progress: bool = False,
+    ) -> PVAInpaintOutput:
+        """Fill the mask of ``image`` keeping the references' identity.
+
+        Args:
+            image: The photo (path, PIL or array; any size, mode, EXIF orientation).
+            mask_image: White = fill; same size as ``image`` (a different size with the same
+                aspect ratio is resized with a warning). Or give ``mask_region``.
+            reference_images: Photos of the same person (5 in the paper).
+            prompt: Conditional prompt (``photo of a <new1> person[, ...]``).
+            negative_prompt: Unconditional prompt (``photo of a person``).
+            mask_region: ``lowerface``, ``eyebrow``, ``wholeface`` (landmark boxes x1.2) or
+                ``random`` (strokes + one box), found with dlib on ``image``.
+            mode: ``inpaint`` (identity only in the conditional branch) or ``edit`` (both).
+            guidance_scale: Classifier-free guidance (paper: 1 or 6 inpainting, 15-30 editing).
+            num_inference_steps: DDIM steps (paper: 100).
+            eta: DDIM eta (paper: 1.0).
+            generator: Randomness.
+            num_images_per_prompt: Outputs to draw.
+            paste_back: Keep every pixel outside the mask equal to the input.
+            skip_bad_references: Skip references without a face (warning) instead of failing.
+            progress: Show a progress bar over the DDIM steps.
+        """
+        if self.pva is None:
+            raise RuntimeError("no PVA adapter loaded: call load_pva(adapter, face_model) first")
+        if mode == "edit" and "<new1>" not in prompt:
+            warnings.warn("edit mode with a prompt without <new1>: the identity token is unused",
+                          stacklevel=2)  # fmt: skip
+        rgb = as_rgb(image)
+        h, w = rgb.shape[:2]
+        found = detect_landmarks(rgb)
+        if found is None:
+            raise ValueError("no face detected in the input image")
+        size = self.resolution
+        crop = face_centred_crop(rgb, found[0], size)
+        if mask_image is not None:
+            full_mask = self._full_mask(mask_image, (h, w))
+            crop_mask = _crop_mask(full_mask, crop.box, size)
+        elif mask_region is not None:
+            crop_mask = self._region_mask(mask_region, crop.landmarks, size, generator)
+            full_mask = _place((h, w), crop_mask.astype(np.uint8) * 255, crop.box) > 127
+        else:
+            raise ValueError("give mask_image or mask_region")
+        if not full_mask.any() or not crop_mask.any():
+            warnings.warn("the mask is empty: returning the input unchanged", stacklevel=2)
+            return PVAInpaintOutput([Image.fromarray(rgb) for _ in range(num_images_per_prompt)])
+        refs, _ = self._reference_tensors(reference_images, skip_bad_references)
+        model, n = self.pva, num_images_per_prompt
+        tokens = model.encode_identity(refs[None])  # (1, 10, D): once per call
+        x = _to_tensor(crop.image)[None].repeat(n, 1, 1, 1)  # (n, 3, S, S)
+        m = torch.from_numpy(crop_mask).float()[None, None].repeat(n, 1, 1, 1)  # (n, 1, S, S)
+        out = ddim_inpaint(
+            model, x, m, None, [prompt] * n, negative_prompt=negative_prompt,
+            guidance_scale=guidance_scale, num_steps=num_inference_steps, eta=eta, mode=mode,
+            generator=generator, identity_tokens=tokens.repeat(n, 1, 1), progress=progress,
+        )  # fmt: skip
+        results = []
+        for o in out:
+            face = ((o.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+            placed = _place((h, w), face, crop.box)
+            inside = _place((h, w), np.full((size, size), 255, np.uint8), crop.box) > 127
+            region = full_mask if paste_back else inside
+            results.append(Image.fromarray(np.where(region[..., None], placed, rgb)))
+        return PVAInpaintOutput(results)
+
+    def _full_mask(self, mask_image: ImageInput, hw: tuple[int, int]) -> np.ndarray:
+        h, w = hw
+        if isinstance(mask_image, str | os.PathLike):
+            if not Path(mask_image).is_file():
+                raise FileNotFoundError(f"mask '{mask_image}' not found")
+            with Image.open(mask_image) as im:
+                mask = np.asarray(im.convert("L"))
+        elif isinstance(mask_image, Image.Image):
+            mask = np.asarray(mask_image.convert("L"))
+        else:
+            mask = np.asarray(mask_image)
+            mask = mask if mask.ndim == 2 else mask[..., 0]
+            mask = (mask > 0.5).astype(np.uint8) * 255 if mask.max() <= 1 else mask
+        if mask.shape != (h, w):
+            mh, mw = mask.shape
+            if abs(mw / mh - w / h) > 0.01:
+                raise ValueError(f"mask size {mw}x{mh} does not match image size {w}x{h} "
+                                 f"(different aspect ratio)")  # fmt: skip
+            warnings.warn(f"mask size {mw}x{mh} differs from image size {w}x{h}; resizing it",
+                          stacklevel=3)  # fmt: skip
+            mask = np.asarray(Image.fromarray(mask.astype(np.uint8)).resize((w, h), Image.NEAREST))
+        return mask > 127
+
+    @staticmethod
+    def _region_mask(region: str, landmarks: np.ndarray, size: int,
+                     generator: torch.Generator | None) -> np.ndarray:  # fmt: skip
+        from datamodules.masks import box_mask, training_mask
+
+        if region == "random":
+            seed = 0 if generator is None else int(generator.initial_seed())
+            boxes = {r: region_box(landmarks, r, (size, size))
+                     for r in ("lowerface", "eyebrow", "wholeface")}  # fmt: skip
+            return training_mask(size, boxes, random.Random(seed))[0]
+        if region not in ("lowerface", "eyebrow", "wholeface"):
+            raise ValueError(f"mask_region must be lowerface, eyebrow, wholeface or random, "
+                             f"got {region!r}")  # fmt: skip
+        return box_mask(size, region_box(landmarks, region, (size, size)))

@@ -1,0 +1,269 @@
+"""Personalize and inpaint: pipeline invariants, personalization isolation, CLI bad inputs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import FACES, REPO, make_batch
+from PIL import Image
+
+from pva.adapter import read_adapter, save_adapter
+from pva.attention import identity_processors
+from pva.backbone import build_tiny_backbone
+from pva.faces import detect_landmarks, load_rgb, region_box
+from pva.model import PVAModel
+from pva.pipeline import PVAInpaintPipeline
+from pva.sampling import ddim_inpaint
+from pva.tiny import build_tiny_face_model, tiny_pva_config
+
+PERSON = FACES / "deepface/id01_img1"
+TARGET = PERSON / "img1.jpg"
+
+
+def _perturb(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, proc in identity_processors(model.unet):
+            for p in proc.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_assets, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipe")
+    model = PVAModel.from_paths(tiny_assets.backbone, tiny_assets.face_model,
+                                tiny_pva_config(face_crop="none"))  # fmt: skip
+    _perturb(model)
+    adapter = save_adapter(model, root / "adapter.safetensors")
+    refs = root / "refs"
+    refs.mkdir()
+    for f in sorted(PERSON.iterdir())[1:5]:
+        (refs / f.name).symlink_to(f)
+    return {"root": root, "adapter": adapter, "refs": refs}
+
+
+@pytest.fixture
+def pipe(setup):
+    return PVAInpaintPipeline.from_pretrained(read_adapter(setup["adapter"])[1]["paths"]["backbone"]
+                                              ).load_pva(setup["adapter"])  # fmt: skip
+
+
+def _two_call_cfg(model, images, masks, refs, prompts, scale, steps, eta, mode, seed):
+    """Classifier-free guidance written as two separate UNet calls per step (the reference)."""
+    g = torch.Generator().manual_seed(seed)
+    mask_lat, masked_lat = model.inpaint_conditioning(images, masks, g)
+    text = model.encode_prompt(prompts)
+    uncond = model.encode_prompt(["photo of a person"] * len(prompts))
+    ident = model.encode_identity(refs)
+    sched = model.scheduler
+    sched.set_timesteps(steps)
+    lat = torch.randn(masked_lat.shape, generator=g) * sched.init_noise_sigma
+    for t in sched.timesteps:
+        e_u = model.predict_noise(lat, t, mask_lat, masked_lat, uncond,
+                                  ident if mode == "edit" else None)  # fmt: skip
+        e_c = model.predict_noise(lat, t, mask_lat, masked_lat, text, ident)
+        lat = sched.step(e_u + scale * (e_c - e_u), t, lat, eta=eta, generator=g).prev_sample
+    return model.decode_latents(lat)
+
+
+@pytest.mark.parametrize("mode", ["inpaint", "edit"])
+def test_batched_cfg_equals_two_call_cfg(make_model, mode):
+    model = make_model().eval()
+    _perturb(model)
+    batch = make_batch(batch_size=2, num_refs=2)
+    prompts = ["photo of a <new1> person", "photo of a <new1> person, smiling"]
+    with torch.no_grad():
+        batched = ddim_inpaint(model, batch["image"], batch["mask"], batch["references"], prompts,
+                               guidance_scale=6.0, num_steps=4, mode=mode,
+                               generator=torch.Generator().manual_seed(3))  # fmt: skip
+        two_call = _two_call_cfg(model, batch["image"], batch["mask"], batch["references"],
+                                 prompts, 6.0, 4, 1.0, mode, 3)  # fmt: skip
+    torch.testing.assert_close(batched, two_call, atol=1e-4, rtol=0)
+
+
+def test_identity_tokens_once_paste_back_and_determinism(pipe, setup):
+    calls = []
+    enc = pipe.pva.identity_encoder
+    original = enc.forward
+    enc.forward = lambda *a, **k: calls.append(1) or original(*a, **k)
+    inp = load_rgb(TARGET)
+    landmarks, _ = detect_landmarks(inp)
+    x0, y0, x1, y1 = region_box(landmarks, "lowerface", (inp.shape[1], inp.shape[0]))
+    mask = np.zeros(inp.shape[:2], np.uint8)
+    mask[y0:y1, x0:x1] = 255
+    refs = sorted(setup["refs"].iterdir())
+    kw = dict(mask_image=Image.fromarray(mask), reference_images=refs, num_inference_steps=3,
+              num_images_per_prompt=2)  # fmt: skip
+    out = pipe(TARGET, generator=torch.Generator().manual_seed(0), **kw).images
+    assert len(calls) == 1  # one encoder pass for 2 images x 3 steps x 2 CFG branches
+    again = pipe(TARGET, generator=torch.Generator().manual_seed(0), **kw).images
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(out, again))
+    changed = (np.asarray(out[0]) != inp).any(-1)
+    assert changed.sum() > 0.5 * (mask > 0).sum()
+    assert not (changed & (mask == 0)).any()  # outside the mask: exactly the input
+    no_paste = pipe(TARGET, generator=torch.Generator().manual_seed(0), paste_back=False,
+                    **kw).images[0]  # fmt: skip
+    assert ((np.asarray(no_paste) != inp).any(-1) & (mask == 0)).any()  # the whole face square
+
+
+def test_awkward_photos_just_work(pipe, setup, tmp_path):
+    with Image.open(TARGET) as im:
+        im = im.convert("RGB")
+        im.thumbnail((512, 512))
+        im.convert("CMYK").save(tmp_path / "cmyk.jpg")
+        im.convert("L").save(tmp_path / "gray.png")
+        rgba = im.convert("RGBA")
+        rgba.putalpha(255)
+        rgba.save(tmp_path / "rgba.png")
+    refs = sorted(setup["refs"].iterdir())[:2]
+    for name in ("cmyk.jpg", "gray.png", "rgba.png"):
+        out = pipe(tmp_path / name, mask_region="eyebrow", reference_images=refs,
+                   num_inference_steps=2).images[0]  # fmt: skip
+        assert out.size == Image.open(tmp_path / name).size
+
+
+def test_personalization_changes_only_its_parameters_and_persons_start_identical(
+    pipe, setup, tmp_path
+):
+    from pva.apps import personalize_cli
+
+    both = tmp_path / "both"
+    for name, src in (("a", "deepface/id01_img1"), ("b", "deepface/id03_img8")):
+        (both / name).mkdir(parents=True)
+        for f in sorted((FACES / src).iterdir())[:3]:
+            (both / name / f.name).symlink_to(f)
+    written = personalize_cli(str(setup["adapter"]), str(both), str(tmp_path / "out"), steps=6)
+    alone = personalize_cli(str(setup["adapter"]), str(both / "b"), str(tmp_path / "b.safetensors"),
+                            steps=6)[0]  # fmt: skip
+    b_in_run, _ = read_adapter(written[1])
+    b_alone, _ = read_adapter(alone)
+    assert b_in_run.keys() == b_alone.keys()
+    assert all(torch.equal(b_in_run[k], b_alone[k]) for k in b_alone)  # no leak from person a
+    base, _ = read_adapter(setup["adapter"])
+    a, _ = read_adapter(written[0])
+    changed = {k for k in base if not torch.equal(base[k], a[k])}
+    assert changed and all(".processor.to_" in k or k == "modifier_token.embedding"
+                           for k in changed)  # fmt: skip
+    assert "modifier_token.embedding" in changed
+    assert not any(k.startswith("identity_encoder") for k in changed)
+
+    cross = personalize_cli(str(setup["adapter"]), str(both / "a"), str(tmp_path / "x.safetensors"),
+                            steps=4, variant="crossqkv")[0]  # fmt: skip
+    tensors, header = read_adapter(cross)
+    assert "crossqkv" in header["contents"]
+    assert any(".attn2.to_k." in k for k in tensors)
+    # loading it into the pipeline, then the plain adapter, restores the pretrained attn2 weights
+    key = next(k for k in tensors if ".attn2.to_k." in k)
+    before = pipe.pva.state_dict()[key].clone()
+    pipe.load_pva(cross)
+    assert not torch.equal(pipe.pva.state_dict()[key], before)
+    pipe.load_pva(setup["adapter"])
+    assert torch.equal(pipe.pva.state_dict()[key], before)
+
+
+def test_save_pretrained_round_trip(pipe, tmp_path):
+    path = pipe.save_pretrained(tmp_path / "saved")
+    again = PVAInpaintPipeline.from_pretrained(path)
+    a, b = pipe.pva.adapter_state_dict(), again.pva.adapter_state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (path / "model_index.json").is_file() and (path / "pva" / "face.pth").is_file()
+
+
+# ------------------------------------------------------------------------ CLI bad inputs
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "pva.cli", *args], cwd=REPO, text=True,
+                          capture_output=True, timeout=300, env=env)  # fmt: skip
+
+
+def _inpaint_args(setup, out: Path, *extra: str, image: Path = TARGET) -> list[str]:
+    return ["inpaint", "--adapter", str(setup["adapter"]), "--image", str(image), "--refs",
+            str(setup["refs"]), "--out", str(out), "--steps", "2", *extra]  # fmt: skip
+
+
+def test_cli_inpaint_writes_and_refuses_overwrite(setup, tmp_path):
+    out = tmp_path / "o.png"
+    res = _cli(*_inpaint_args(setup, out, "--mask-region", "wholeface"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert Image.open(out).size == Image.open(TARGET).size
+    stamp = out.stat().st_mtime_ns
+    again = _cli(*_inpaint_args(setup, out, "--mask-region", "wholeface"))
+    assert again.returncode != 0 and "--overwrite" in again.stderr
+    assert out.stat().st_mtime_ns == stamp
+
+
+def test_cli_bad_inputs_fail_clearly_and_write_nothing(setup, tmp_path):
+    out = tmp_path / "o.png"
+    text_jpg = tmp_path / "text.jpg"
+    text_jpg.write_text("not an image")
+    cases = {
+        "missing image": (
+            _inpaint_args(setup, out, "--mask-region", "eyebrow", image=tmp_path / "nope.jpg"),
+            "nope.jpg",
+        ),  # fmt: skip
+        "unreadable image": (
+            _inpaint_args(setup, out, "--mask-region", "eyebrow", image=text_jpg),
+            "text.jpg",
+        ),  # fmt: skip
+        "missing mask": (_inpaint_args(setup, out, "--mask", str(tmp_path / "m.png")), "m.png"),
+    }
+    wide = PVAModel(build_tiny_backbone(cross_attention_dim=48), build_tiny_face_model(),
+                    tiny_pva_config())  # fmt: skip
+    wide_adapter = save_adapter(wide, tmp_path / "wide.safetensors",
+                                paths=read_adapter(setup["adapter"])[1]["paths"])  # fmt: skip
+    args = _inpaint_args(setup, out, "--mask-region", "eyebrow")
+    args[args.index("--adapter") + 1] = str(wide_adapter)
+    cases["adapter for another backbone"] = (args, "cross_attention_dim=48")
+    h, w = load_rgb(TARGET).shape[:2]
+    Image.new("L", (w, w)).save(tmp_path / "bad_aspect.png")  # square vs portrait
+    cases["mask aspect"] = (_inpaint_args(setup, out, "--mask", str(tmp_path / "bad_aspect.png")),
+                            "aspect ratio")  # fmt: skip
+    for name, (argv, needle) in cases.items():
+        res = _cli(*argv)
+        assert res.returncode != 0, name
+        last = res.stderr.strip().splitlines()[-1]
+        assert needle in last and last.startswith("pva inpaint: error:"), (name, last)
+        assert not out.exists(), name
+
+
+def test_cli_references_without_faces(setup, tmp_path):
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    Image.fromarray(np.full((200, 200, 3), 90, np.uint8)).save(refs / "wall.jpg")
+    out = tmp_path / "o.png"
+    args = _inpaint_args(setup, out, "--mask-region", "eyebrow")
+    args[args.index("--refs") + 1] = str(refs)
+    res = _cli(*args)
+    assert res.returncode != 0 and "wall.jpg" in res.stderr and "no face" in res.stderr
+    res = _cli(*args, "--skip-bad-refs")
+    assert res.returncode != 0 and "no usable reference" in res.stderr
+    (refs / "face.jpg").symlink_to(sorted(PERSON.iterdir())[2])
+    res = _cli(*args, "--skip-bad-refs")
+    assert res.returncode == 0 and "wall.jpg" in res.stderr and out.is_file()
+
+
+def test_mask_size_empty_mask_and_edit_prompt_warnings(pipe, setup):
+    refs = sorted(setup["refs"].iterdir())[:2]
+    h, w = load_rgb(TARGET).shape[:2]
+    half = np.zeros((h // 2, w // 2), np.uint8)
+    half[h // 4 : h // 4 + 40, w // 4 : w // 4 + 40] = 255
+    with pytest.warns(UserWarning, match="resizing"):
+        out = pipe(TARGET, mask_image=Image.fromarray(half), reference_images=refs,
+                   num_inference_steps=2).images[0]  # fmt: skip
+    assert out.size == (w, h)
+    with pytest.warns(UserWarning, match="empty"):
+        same = pipe(TARGET, mask_image=Image.new("L", (w, h)), reference_images=refs,
+                    num_inference_steps=2).images[0]  # fmt: skip
+    assert np.array_equal(np.asarray(same), load_rgb(TARGET))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe(TARGET, mask_region="eyebrow", reference_images=refs, prompt="a person, smiling",
+             mode="edit", num_inference_steps=2)  # fmt: skip
+    assert any("<new1>" in str(c.message) for c in caught)
