@@ -16,6 +16,7 @@ from pva.backbone import Backbone, BackboneNotFoundError, build_tiny_backbone, l
 from pva.identity import IdentityEncoder, IdentityProjection, IResNet, iresnet, load_iresnet
 from pva.model import TEMPLATE, UNCOND_PROMPT, PVAConfig, PVAModel
 from pva.sampling import ddim_inpaint
+from pva.pipeline import PVAInpaintPipeline
 from pva.token import ModifierToken
 
 __version__ = "0.1.0"
@@ -30,6 +31,7 @@ __all__ = [
     "ModifierToken",
     "PVAAttnProcessor",
     "PVAConfig",
+    "PVAInpaintPipeline",
     "PVAModel",
     "TEMPLATE",
     "UNCOND_PROMPT",

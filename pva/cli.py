@@ -133,6 +133,12 @@ def _bench_step(args: argparse.Namespace) -> None:
     bench_step(batch_size=args.batch_size, refs=args.refs, repeats=args.repeats)
 
 
+def _bench_sample(args: argparse.Namespace) -> None:
+    from pva.bench.sample import bench_sample
+
+    bench_sample(steps=(args.short, args.long), cd_steps=args.cd_steps, guidance=args.guidance)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``pva`` command."""
     parser = argparse.ArgumentParser(
@@ -322,6 +328,15 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--repeats", type=int, default=5, help="timed runs per row (default: 5)")
     st.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     st.set_defaults(func=_bench_step)
+    sa = bench_sub.add_parser(
+        "sample",
+        help="ms per DDIM step vs diffusers' inpainting pipeline; 40-step PVA-FT vs 1000-step CD",
+    )
+    sa.add_argument("--short", type=int, default=5, help="short DDIM run (default: 5)")
+    sa.add_argument("--long", type=int, default=25, help="long DDIM run (default: 25)")
+    sa.add_argument("--cd-steps", type=int, default=1000, help="Custom-Diffusion steps (1000)")
+    sa.add_argument("--guidance", type=float, default=6.0, help="CFG scale (default: 6)")
+    sa.set_defaults(func=_bench_sample)
     return parser
 
 

@@ -201,3 +201,27 @@ def test_bench_step_prints_both_configurations():
     assert res.returncode == 0, res.stderr[-3000:]
     for needle in ("tiny:", "mid:", "base UNet fwd+bwd", "PVA UNet fwd+bwd", "full PVA step"):
         assert needle in res.stdout
+
+
+def test_bench_sample_prints_both_tables():
+    res = _run(
+        sys.executable,
+        "-m",
+        "pva.cli",
+        "bench",
+        "sample",
+        "--short",
+        "1",
+        "--long",
+        "2",
+        "--cd-steps",
+        "3",
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    for needle in (
+        "PVA, batched CFG",
+        "StableDiffusionInpaintPipeline",
+        "PVA-FT (METHOD 7)",
+        "Custom-Diffusion-style",
+    ):
+        assert needle in res.stdout
