@@ -15,8 +15,8 @@ from pva.attention import (
 from pva.backbone import Backbone, BackboneNotFoundError, build_tiny_backbone, load_backbone
 from pva.identity import IdentityEncoder, IdentityProjection, IResNet, iresnet, load_iresnet
 from pva.model import TEMPLATE, UNCOND_PROMPT, PVAConfig, PVAModel
-from pva.sampling import ddim_inpaint
 from pva.pipeline import PVAInpaintPipeline
+from pva.sampling import ddim_inpaint
 from pva.token import ModifierToken
 
 __version__ = "0.1.0"
