@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from pva.attention import identity_processors
+from pva.fileio import atomic_path
 from pva.model import PVAConfig, PVAModel
 
 ADAPTER_FORMAT = "pva-adapter"
@@ -105,15 +105,8 @@ def save_adapter(
     paths = paths if paths is not None else getattr(model, "source_paths", None)
     if paths:
         header["paths"] = {k: str(v) for k, v in paths.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata={"pva": json.dumps(header)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 

@@ -7,10 +7,11 @@ import warnings
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from PIL import Image
 
 from pva.adapter import read_adapter, save_adapter
 from pva.faces import BadImageError, detect_landmarks, face_centred_crop, load_rgb, region_box
+from pva.fileio import atomic_path
 from pva.model import TEMPLATE
 from pva.personalize import FTVariant, personalized, trainable_for
 from pva.pipeline import PVAInpaintPipeline, _to_tensor
@@ -171,10 +172,9 @@ def inpaint_cli(
         num_images_per_prompt=num_images, paste_back=paste_back,
         skip_bad_references=skip_bad_refs, progress=True,
     )  # fmt: skip
-    for img, target in tqdm(list(zip(result.images, targets)), desc="saving", disable=True):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp.png")
-        img.save(tmp)
-        tmp.replace(target)
+    for img, target in zip(result.images, targets):
+        fmt = Image.registered_extensions().get(target.suffix.lower(), "PNG")
+        with atomic_path(target) as tmp:
+            img.save(tmp, format=fmt)
         print(f"wrote {target}")
     return targets

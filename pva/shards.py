@@ -51,6 +51,7 @@ from pva.faces import (
     region_boxes,
     resize_square,
 )
+from pva.fileio import atomic_path
 
 SCHEMA_VERSION = 1
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
@@ -216,8 +217,7 @@ def people_jobs(
 # ---------------------------------------------------------------------------- writing
 def _write_shard(path: Path, records: Iterable[PersonRecord], image_size: int) -> None:
     """Write one tar of person records under a temporary name, then rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tarfile.open(tmp, "w") as tar:
+    with atomic_path(path) as tmp, tarfile.open(tmp, "w") as tar:
         for rec in records:
             key = f"{rec.split}_{_safe_key(rec.person)}"
             meta = {"schema": SCHEMA_VERSION, "person": rec.person, "split": rec.split,
@@ -229,7 +229,6 @@ def _write_shard(path: Path, records: Iterable[PersonRecord], image_size: int) -
                 info = tarfile.TarInfo(f"{key}.{name}")
                 info.size, info.mtime, info.mode = len(data), 0, 0o644
                 tar.addfile(info, io.BytesIO(data))
-    os.replace(tmp, path)
 
 
 def build_shards(
@@ -341,9 +340,8 @@ def build_shards(
             "dropped_persons": dropped,
             "seconds": round(time.time() - t0, 1),
         }
-        tmp = partial / "index.json.tmp"
-        tmp.write_text(json.dumps(index, indent=1))
-        os.replace(tmp, partial / "index.json")
+        with atomic_path(partial / "index.json") as tmp:
+            tmp.write_text(json.dumps(index, indent=1))
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
