@@ -243,22 +243,35 @@ class PersonStream(IterableDataset):
                 if sample is not None:
                     yield sample
 
+    def eval_split(self, person: Person) -> tuple[list[int], list[int]]:
+        """``(targets, references)`` of a person for evaluation; disjoint.
+
+        CelebAHQ-IDI roles when present (``infer`` targets, ``ref`` references); otherwise the
+        first ``max_refs`` photos (at most all but one) are references and the rest targets.
+        """
+        images = person.meta["images"]
+        targets = [i for i, e in enumerate(images) if e.get("role") == "infer"]
+        refs = [i for i, e in enumerate(images) if e.get("role") == "ref"]
+        if not targets or not refs:
+            k = min(self.max_refs, len(images) - 1)
+            refs, targets = list(range(k)), list(range(k, len(images)))
+        return targets, refs[: self.max_refs]
+
+    def person_eval_samples(self, person: Person) -> Iterator[dict]:
+        """A person's evaluation samples: every target x every kind of ``eval_masks``."""
+        images = person.meta["images"]
+        targets, refs = self.eval_split(person)
+        for t in targets:
+            for kind in self.eval_masks:
+                rng = random.Random(f"{self.seed}/{person.key}/{images[t]['file']}/{kind}")
+                sample = self._safe_sample(person, t, refs, rng, kind)
+                if sample is not None:
+                    yield sample
+
     def _eval_samples(self, slot: int, slots: int) -> Iterator[dict]:
         for k, person in enumerate(self._records(iter(self.urls))):
-            if k % slots != slot:
-                continue
-            images = person.meta["images"]
-            targets = [i for i, e in enumerate(images) if e.get("role") == "infer"]
-            refs = [i for i, e in enumerate(images) if e.get("role") == "ref"]
-            if not targets:  # photo folders: every photo is a target, the others references
-                targets = list(range(len(images)))
-            for t in targets:
-                cand = [i for i in (refs or range(len(images))) if i != t][: self.max_refs]
-                for kind in self.eval_masks:
-                    rng = random.Random(f"{self.seed}/{person.key}/{images[t]['file']}/{kind}")
-                    sample = self._safe_sample(person, t, cand, rng, kind)
-                    if sample is not None:
-                        yield sample
+            if k % slots == slot:
+                yield from self.person_eval_samples(person)
 
     # -------------------------------------------------------------------- batches
     def _collate(self, samples: list[dict], rng: random.Random) -> dict:

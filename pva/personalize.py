@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from pva.attention import identity_processors
 from pva.model import TEMPLATE, PVAModel
 
-FTVariant = Literal["pva", "crossqkv"]
+FTVariant = Literal["pva", "crossqkv", "custom-diffusion"]
 
 
 @dataclass
@@ -38,19 +38,21 @@ def trainable_for(model: PVAModel, variant: FTVariant) -> dict[str, list[tuple[s
     """Parameters fine-tuned per variant, in two groups: ``attention`` and ``token``.
 
     ``pva`` (PVA-FT): the visual Q/K/V of every ``attn2``. ``crossqkv`` (CrossQKV-FT): those
-    plus the pretrained ``attn2`` Q/K/V. Both also tune the ``<new1>`` embedding.
+    plus the pretrained ``attn2`` Q/K/V. ``custom-diffusion`` (the baseline): the pretrained
+    ``attn2`` K/V only, trained and used without identity tokens. All also tune ``<new1>``.
     """
-    if variant not in ("pva", "crossqkv"):
-        raise ValueError(f"variant must be 'pva' or 'crossqkv', got {variant!r}")
+    if variant not in ("pva", "crossqkv", "custom-diffusion"):
+        raise ValueError(f"variant must be pva, crossqkv or custom-diffusion, got {variant!r}")
     named = dict(model.named_parameters())
     attention = []
     for name, proc in identity_processors(model.unet):
         prefix = "unet." + name
-        attention += [(f"{prefix}.{n}", p) for n, p in proc.named_parameters()]
-        if variant == "crossqkv":
-            layer = prefix.removesuffix(".processor")
-            for proj in ("to_q", "to_k", "to_v"):
-                attention += [(k, named[k]) for k in named if k.startswith(f"{layer}.{proj}.")]
+        if variant != "custom-diffusion":
+            attention += [(f"{prefix}.{n}", p) for n, p in proc.named_parameters()]
+        projections = {"crossqkv": ("to_q", "to_k", "to_v"), "custom-diffusion": ("to_k", "to_v")}
+        layer = prefix.removesuffix(".processor")
+        for proj in projections.get(variant, ()):
+            attention += [(k, named[k]) for k in named if k.startswith(f"{layer}.{proj}.")]
     token = [("modifier_token.embedding", model.modifier_token.embedding)]
     return {"attention": attention, "token": token}
 
@@ -86,7 +88,8 @@ def personalized(
             (aligned faces, or the photos themselves).
         boxes: N wholeface boxes ``[x0, y0, x1, y1]`` in S-pixel coordinates.
         steps: Optimizer steps (40 in the paper).
-        variant: ``pva`` (PVA-FT) or ``crossqkv`` (CrossQKV-FT).
+        variant: ``pva`` (PVA-FT), ``crossqkv`` (CrossQKV-FT) or ``custom-diffusion`` (the
+            baseline: no identity tokens in training).
         lr: Attention learning rate per sample.
         token_lr: Token learning rate.
         batch_size: Targets per step.
@@ -148,7 +151,9 @@ def personalized(
                     "references": torch.stack(batch_refs),
                     "prompt": [TEMPLATE.format(model.modifier_token.token)] * batch_size,
                 }
-                loss = model.training_loss(batch, timestep_draws, generator=gen)
+                no_identity = 1.0 if variant == "custom-diffusion" else 0.0
+                loss = model.training_loss(batch, timestep_draws, identity_dropout=no_identity,
+                                           generator=gen)  # fmt: skip
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

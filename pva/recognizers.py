@@ -5,7 +5,8 @@ under a recognizer different from the conditioning one. Backends:
 
 * ``dlib`` (default, offline): dlib's 128-d ResNet from ``face-recognition-models``.
 * a path to an arcface_torch IResNet ``.pth`` (the paper: Glint360K CosFace R100), run on
-  5-point-aligned 112x112 crops.
+  5-point-aligned 112x112 crops;
+* an InsightFace ArcFace ONNX model (a ``.onnx`` file or a model folder such as buffalo_l).
 
 Faces are located with the ground-truth landmarks of the image being scored (the output and its
 ground truth share the geometry outside the mask), so a failed detection on a poor output never
@@ -97,8 +98,44 @@ class IResNetRecognizer(Recognizer):
         return F.normalize(self.model(x), dim=-1)
 
 
+class InsightFaceRecognizer(Recognizer):
+    """An InsightFace ArcFace ONNX model (a ``.onnx`` file, or a model dir such as buffalo_l).
+
+    Args:
+        path: The recognition ``.onnx``, or a folder holding one (``w600k_r50.onnx`` in
+            ``~/.insightface/models/buffalo_l``); nothing is downloaded.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        import insightface
+
+        path = Path(path).expanduser()
+        candidates = sorted(path.glob("*.onnx")) if path.is_dir() else [path]
+        if not candidates or not all(c.is_file() for c in candidates):
+            raise FileNotFoundError(
+                f"no InsightFace ONNX model at '{path}'. Download buffalo_l from InsightFace's "
+                f"model zoo (github.com/deepinsight/insightface, python-package) and pass the "
+                f"folder or its w600k_r50.onnx."
+            )
+        for onnx in candidates:
+            model = insightface.model_zoo.get_model(str(onnx), providers=["CPUExecutionProvider"])
+            if getattr(model, "taskname", None) == "recognition":
+                self.model = model
+                self.name = f"insightface:{onnx.name}"
+                return
+        raise ValueError(f"'{path}' holds no InsightFace recognition model")
+
+    def embed(self, images: np.ndarray, landmarks: np.ndarray) -> Tensor:  # noqa: D102
+        crops = [align_face(img, lm)[..., ::-1].copy() for img, lm in zip(images, landmarks)]
+        feats = torch.from_numpy(np.asarray(self.model.get_feat(crops), dtype=np.float32))
+        return F.normalize(feats, dim=-1)  # (BGR crops: InsightFace's convention)
+
+
 def build_recognizer(spec: str = "dlib") -> Recognizer:
-    """``"dlib"`` or a path to an arcface_torch ``.pth``."""
+    """``"dlib"``, an arcface_torch ``.pth``, or an InsightFace ``.onnx`` / model folder."""
     if spec == "dlib":
         return DlibRecognizer()
+    path = Path(spec).expanduser()
+    if path.is_dir() or path.suffix == ".onnx":
+        return InsightFaceRecognizer(path)
     return IResNetRecognizer(spec)

@@ -1,0 +1,417 @@
+"""``pva evaluate``: METHOD section 8's protocol for PVA and its baselines, in one harness.
+
+For every person of a split (``--shard-index`` / ``--num-shards`` deal persons to processes) and
+every method, each target photo is inpainted under each evaluation mask (lowerface, eyebrow,
+wholeface, random) with fixed seeds; the editing track inpaints each person's first target under
+the wholeface mask with the 15 editing prompts. Outputs are PNGs at stable paths::
+
+    OUT/<method>/<person>/<photo>_<mask>.png          inpainting track
+    OUT/<method>/<person>/edit/<photo>_<k>.png        editing track, prompt k
+    OUT/_gt/<person>/<photo>_<mask>.{gt,mask}.png + .json (landmarks)
+
+Existing outputs are never recomputed (a person's adaptation runs only if one of its outputs is
+missing), so re-running resumes. Metrics are computed at the end over every output present, per
+method and mask: identity similarity to the ground truth (a recognizer other than the conditioning
+one), masked PSNR / SSIM, outside-mask error, FID and KID (with ``inception_weights``), CLIP score
+of edits (with ``clip_weights``), and seconds of adaptation per person and sampling per image.
+``results.json``, ``results.md`` and a grid per method are written to OUT.
+
+Methods: ``sd-inpaint`` (the frozen backbone, ``photo of a person``, no references), ``pva``
+(zero-shot), ``pva-ft40`` / ``crossqkv-ft40`` (METHOD 7, ``ft_steps``), ``custom-diffusion``
+(attention K/V + token, ``cd_steps``, no identity tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from datamodules.masks import EVAL_MASKS
+from datamodules.shards import ShardDataModule, decode_jpeg
+from pva.fileio import atomic_path
+from pva.metrics import (
+    FeatureFn,
+    InceptionFeatures,
+    fid_from_features,
+    kid_from_features,
+    masked_psnr,
+    masked_ssim,
+    outside_mask_error,
+)
+from pva.model import TEMPLATE, UNCOND_PROMPT, PVAModel
+from pva.personalize import personalized
+from pva.recognizers import build_recognizer
+from pva.sampling import ddim_inpaint
+
+METHODS = ("sd-inpaint", "pva", "pva-ft40", "crossqkv-ft40", "custom-diffusion")
+EDIT_SUFFIXES = (
+    "laughing", "serious", "smiling", "looking sad", "angry", "surprised", "has beard",
+    "with heavy makeup", "wearing lipstick", "making a funny face", "putting the tongue out",
+    "singing with a microphone", "smoking a cigarette", "wearing eyeglasses", "wearing sunglasses",
+)  # fmt: skip
+"""The 15 editing prompts of METHOD section 8: ``photo of a <new1> person, <suffix>``."""
+_FT = {"pva-ft40": "pva", "crossqkv-ft40": "crossqkv", "custom-diffusion": "custom-diffusion"}
+
+
+def _png(path: Path, image: torch.Tensor) -> None:
+    """(3, H, W) in [-1, 1] -> PNG, written atomically."""
+    arr = ((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    with atomic_path(path) as tmp:
+        Image.fromarray(arr).save(tmp, format="PNG")
+
+
+def _load_png(path: Path) -> torch.Tensor:
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(arr / 127.5 - 1.0).permute(2, 0, 1)
+
+
+def _stem(sample: dict) -> str:
+    return Path(sample["file"]).stem
+
+
+class Evaluator:
+    """Generation and scoring for :func:`evaluate` (see the module docstring for arguments)."""
+
+    def __init__(self, model: PVAModel, out: Path, guidance: float, edit_guidance: float,
+                 steps: int, eta: float, ft_steps: int, cd_steps: int, seed: int,
+                 paste_back: bool, batch_size: int) -> None:  # fmt: skip
+        self.model, self.out = model.eval(), out
+        self.guidance, self.edit_guidance, self.steps, self.eta = (
+            guidance,
+            edit_guidance,
+            steps,
+            eta,
+        )
+        self.ft_steps, self.cd_steps, self.seed = ft_steps, cd_steps, seed
+        self.paste_back, self.batch_size = paste_back, batch_size
+        self.generated = 0
+
+    # ---------------------------------------------------------------------- generation
+    def _sample(self, method: str, samples: list[dict], refs: torch.Tensor, prompts: list[str],
+                mode: str, guidance: float) -> list[torch.Tensor]:  # fmt: skip
+        model, outs = self.model, []
+        identity = method not in ("sd-inpaint", "custom-diffusion")
+        tokens = model.encode_identity(refs[None]) if identity else None  # once per person
+        for i in range(0, len(samples), self.batch_size):
+            chunk = samples[i : i + self.batch_size]
+            n = len(chunk)
+            gen = torch.Generator(device=model.device).manual_seed(self.seed)
+            out = ddim_inpaint(
+                model, torch.stack([s["image"] for s in chunk]),
+                torch.stack([s["mask"] for s in chunk]), None, prompts[i : i + n],
+                negative_prompt=UNCOND_PROMPT, guidance_scale=guidance, num_steps=self.steps,
+                eta=self.eta, mode=mode, generator=gen, paste_back=self.paste_back,
+                identity_tokens=None if tokens is None else tokens.repeat(n, 1, 1),
+            )  # fmt: skip
+            outs.extend(out.cpu())
+        return outs
+
+    def person(self, method: str, person: dict, samples: list[dict], edit: dict | None,
+               timings: dict) -> None:  # fmt: skip
+        """Generate the missing outputs of one person for one method."""
+        pid = person["person"]
+        todo = [
+            s
+            for s in samples
+            if not (self.out / method / pid / f"{_stem(s)}_{s['mask_region']}.png").exists()
+        ]
+        edit_todo = []
+        if edit is not None:
+            edit_todo = [k for k in range(len(EDIT_SUFFIXES))
+                         if not (self.out / method / pid / "edit" / f"{_stem(edit)}_{k}.png"
+                                 ).exists()]  # fmt: skip
+        if not todo and not edit_todo:
+            return
+        refs = person["references"]
+
+        def run() -> None:
+            base_prompt = TEMPLATE.format(self.model.modifier_token.token)
+            prompt = UNCOND_PROMPT if method == "sd-inpaint" else base_prompt
+            t0 = time.perf_counter()
+            if todo:
+                outs = self._sample(method, todo, refs, [prompt] * len(todo), "inpaint",
+                                    self.guidance)  # fmt: skip
+                for s, o in zip(todo, outs):
+                    _png(self.out / method / pid / f"{_stem(s)}_{s['mask_region']}.png", o)
+            if edit_todo:
+                assert edit is not None
+                token = "" if method == "sd-inpaint" else self.model.modifier_token.token + " "
+                prompts = [f"photo of a {token}person, {EDIT_SUFFIXES[k]}" for k in edit_todo]
+                outs = self._sample(method, [edit] * len(edit_todo), refs, prompts, "edit",
+                                    self.edit_guidance)  # fmt: skip
+                for k, o in zip(edit_todo, outs):
+                    _png(self.out / method / pid / "edit" / f"{_stem(edit)}_{k}.png", o)
+            count = len(todo) + len(edit_todo)
+            timings["sample_s_per_image"].append((time.perf_counter() - t0) / count)
+            self.generated += count
+
+        if method in _FT:
+            steps = self.cd_steps if method == "custom-diffusion" else self.ft_steps
+            t0 = time.perf_counter()
+            with personalized(self.model, person["images"], person["references"],
+                              person["boxes"], steps=steps, variant=_FT[method],
+                              seed=self.seed):  # fmt: skip
+                timings["adapt_s_per_person"].append(time.perf_counter() - t0)
+                run()
+        else:
+            run()
+
+
+def _save_ground_truth(out: Path, person: str, samples: list[dict]) -> None:
+    for s in samples:
+        base = out / "_gt" / person / f"{_stem(s)}_{s['mask_region']}"
+        if not base.with_suffix(".json").exists():
+            _png(base.with_suffix(".gt.png"), s["image"])
+            _png(base.with_suffix(".mask.png"), s["mask"].repeat(3, 1, 1) * 2 - 1)
+            with atomic_path(base.with_suffix(".json")) as tmp:
+                tmp.write_text(json.dumps({"landmarks": s["landmarks"].tolist(),
+                                           "mask": s["mask_region"]}))  # fmt: skip
+
+
+def evaluate(
+    data: str,
+    out: str,
+    methods: Sequence[str] = ("sd-inpaint", "pva"),
+    adapter: str | None = None,
+    backbone: str | None = None,
+    face_model: str | None = None,
+    split: str = "test",
+    num_refs: int = 5,
+    masks: Sequence[str] = EVAL_MASKS,
+    guidance: float = 6.0,
+    edit_guidance: float = 15.0,
+    steps: int = 100,
+    eta: float = 1.0,
+    ft_steps: int = 40,
+    cd_steps: int = 1000,
+    edit: bool = True,
+    recognizer: str = "dlib",
+    inception_weights: str | None = None,
+    feature_fn: FeatureFn | None = None,
+    clip_weights: str | None = None,
+    paste_back: bool = False,
+    max_persons: int | None = None,
+    shard_index: int = 0,
+    num_shards: int = 1,
+    batch_size: int = 4,
+    seed: int = 0,
+) -> dict:
+    """Run the protocol; returns the results dict also written to ``OUT/results.json``.
+
+    Args:
+        data: Shards folder (``pva shards build`` output).
+        out: Output folder (resumed when it exists).
+        methods: Any of :data:`METHODS`.
+        adapter: PVA adapter (needed by every method but ``sd-inpaint``).
+        backbone: SD2-inpainting folder; default: the one recorded in the adapter.
+        face_model: Conditioning arcface_torch ``.pth``; default: recorded in the adapter.
+        split: Split to evaluate.
+        num_refs: References per person (1..5).
+        masks: Evaluation masks.
+        guidance: Inpainting guidance (paper: 1 or 6).
+        edit_guidance: Editing guidance (paper: 15 or 30).
+        steps: DDIM steps (paper: 100).
+        eta: DDIM eta (paper: 1.0).
+        ft_steps: Steps of ``pva-ft40`` / ``crossqkv-ft40`` (40).
+        cd_steps: Steps of ``custom-diffusion`` (1000).
+        edit: Run the editing track.
+        recognizer: Scoring recognizer: ``dlib``, an arcface_torch ``.pth`` (paper: Glint360K
+            CosFace R100) or an InsightFace ``.onnx`` / model folder.
+        inception_weights: FID Inception weights file; FID/KID are skipped without it.
+        feature_fn: Inject a feature extractor for FID/KID instead (tests, other backbones).
+        clip_weights: open-clip ViT-B/32 checkpoint for the editing CLIP score.
+        paste_back: Paste input pixels outside the mask (off in the paper's protocol).
+        max_persons: Evaluate only the first persons (quick runs).
+        shard_index: This process's shard of persons.
+        num_shards: Number of processes sharing the persons.
+        batch_size: Images per sampling call.
+        seed: Sampling and adaptation seed.
+    """
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    if any(m != "sd-inpaint" for m in methods) and adapter is None:
+        raise ValueError("--adapter is required for every method but sd-inpaint")
+    out_dir = Path(out)
+    if inception_weights is not None and feature_fn is None:
+        feature_fn = InceptionFeatures(inception_weights)  # fails early, clearly, if absent
+    clip = None
+    if clip_weights is not None:
+        from pva.metrics import ClipScorer
+
+        clip = ClipScorer(clip_weights)
+    scorer = build_recognizer(recognizer)
+    if adapter is not None:
+        from pva.apps import load_pipeline
+
+        model = load_pipeline(adapter, backbone, face_model).pva
+    else:
+        if backbone is None or face_model is None:
+            raise ValueError("without --adapter, give --backbone and --face-model")
+        model = PVAModel.from_paths(backbone, face_model)
+    assert model is not None
+    dm = ShardDataModule(data, max_refs=num_refs, eval_masks=tuple(masks), num_workers=0)
+    stream = dm._stream(split, False)
+    stream.rank, stream.world_size = 0, 1
+    ev = Evaluator(model, out_dir, guidance, edit_guidance, steps, eta, ft_steps, cd_steps, seed,
+                   paste_back, batch_size)  # fmt: skip
+    timings: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    persons = list(stream._records(iter(stream.urls)))[: max_persons or None]
+    for k, rec in enumerate(tqdm(persons, desc="persons", unit="person")):
+        if k % num_shards != shard_index:
+            continue
+        samples = list(stream.person_eval_samples(rec))
+        if not samples:
+            continue
+        targets, refs = stream.eval_split(rec)
+        person = {
+            "person": rec.meta["person"],
+            "images": torch.stack([decode_jpeg(rec.img[i]) for i in refs]),
+            "references": torch.stack([stream._reference(rec, i) for i in refs]),
+            "boxes": [rec.meta["images"][i]["boxes"]["wholeface"] for i in refs],
+        }
+        _save_ground_truth(out_dir, person["person"], samples)
+        edit_sample = next((s for s in samples if s["mask_region"] == "wholeface"), None)
+        for method in methods:
+            ev.person(method, person, samples, edit_sample if edit else None, timings[method])
+    _merge_timings(out_dir, timings, shard_index)
+    results = score(out_dir, methods, scorer, feature_fn, clip)
+    results["generated_this_run"] = ev.generated
+    with atomic_path(out_dir / "results.json") as tmp:
+        tmp.write_text(json.dumps(results, indent=1))
+    with atomic_path(out_dir / "results.md") as tmp:
+        tmp.write_text(results_markdown(results))
+    return results
+
+
+def _merge_timings(out: Path, timings: dict, shard_index: int) -> None:
+    """Accumulate this run's timings in ``OUT/_timings/<shard>.json``."""
+    path = out / "_timings" / f"{shard_index}.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    for method, t in timings.items():
+        for key, values in t.items():
+            old.setdefault(method, {}).setdefault(key, []).extend(values)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(old))
+
+
+def _mean_std(values: list[float]) -> list[float]:
+    arr = np.array([v for v in values if np.isfinite(v)], dtype=np.float64)
+    return [float(arr.mean()), float(arr.std())] if len(arr) else [float("nan"), float("nan")]
+
+
+@torch.no_grad()
+def score(out: Path, methods: Sequence[str], scorer, feature_fn: FeatureFn | None,
+          clip) -> dict:  # fmt: skip
+    """Metrics over every output present in ``out`` (see the module docstring)."""
+    results: dict = {"methods": {}, "recognizer": scorer.name, "edit_prompts": [
+        f"photo of a <new1> person, {s}" for s in EDIT_SUFFIXES]}  # fmt: skip
+    timings: dict = defaultdict(lambda: defaultdict(list))
+    for f in sorted((out / "_timings").glob("*.json")):
+        for method, t in json.loads(f.read_text()).items():
+            for key, values in t.items():
+                timings[method][key].extend(values)
+    gt_feats: dict[str, list] = defaultdict(list)
+    for method in methods:
+        per_mask: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        feats: dict[str, list] = defaultdict(list)
+        grid: list[torch.Tensor] = []
+        for meta_path in sorted((out / "_gt").glob("*/*.json")):
+            person, stem = meta_path.parent.name, meta_path.name.removesuffix(".json")
+            produced = out / method / person / f"{stem}.png"
+            if not produced.exists():
+                continue
+            meta = json.loads(meta_path.read_text())
+            gt = _load_png(meta_path.with_name(stem + ".gt.png"))[None]
+            mask = (_load_png(meta_path.with_name(stem + ".mask.png"))[:1] > 0)[None].float()
+            o = _load_png(produced)[None]
+            lm = np.array(meta["landmarks"], dtype=np.float32)[None]
+            m = per_mask[meta["mask"]]
+            m["identity_sim"].append(float(scorer.similarity(o, gt, lm)[0]))
+            m["psnr"].append(float(masked_psnr(o, gt, mask)[0]))
+            m["ssim"].append(float(masked_ssim(o, gt, mask)[0]))
+            m["outside_error"].append(float(outside_mask_error(o, gt, mask)[0]))
+            if feature_fn is not None:
+                feats[meta["mask"]].append(feature_fn(o))
+                if method == methods[0]:
+                    gt_feats[meta["mask"]].append(feature_fn(gt))
+            if len(grid) < 8:
+                grid.append(torch.cat([gt * (mask < 0.5), o, gt], dim=-1)[0])
+        entry: dict = {}
+        for mask_kind, metrics in per_mask.items():
+            entry[mask_kind] = {k: _mean_std(v) for k, v in metrics.items()}
+            entry[mask_kind]["n"] = len(metrics["psnr"])
+            if feature_fn is not None and len(feats[mask_kind]) >= 2:
+                a, b = torch.cat(feats[mask_kind]), torch.cat(gt_feats[mask_kind])
+                entry[mask_kind]["fid"] = fid_from_features(a, b)
+                entry[mask_kind]["kid"] = list(kid_from_features(a, b, subsets=20))
+        edits = sorted(out.glob(f"{method}/*/edit/*.png"))
+        if edits and clip is not None:
+            prompts = [f"photo of a person, {EDIT_SUFFIXES[int(p.stem.rsplit('_', 1)[1])]}"
+                       for p in edits]  # fmt: skip
+            imgs = torch.stack([_load_png(p) for p in edits])
+            entry["edit"] = {"clip_score": _mean_std(clip(imgs, prompts).tolist()),
+                             "n": len(edits)}  # fmt: skip
+        elif edits:
+            entry["edit"] = {"n": len(edits), "clip_score": None}
+        entry["seconds"] = {k: _mean_std(v) for k, v in timings.get(method, {}).items()}
+        results["methods"][method] = entry
+        if grid:
+            img = torch.cat(grid, dim=-2)
+            _png(out / f"grid_{method}.png", img)
+    return results
+
+
+def results_markdown(results: dict) -> str:
+    """The paper-layout tables: one row per method, columns per mask; then editing and time."""
+    methods = results["methods"]
+    masks = [m for m in EVAL_MASKS if any(m in e for e in methods.values())]
+    lines = [f"# Evaluation (identity scorer: {results['recognizer']})", "",
+             "## Inpainting: identity similarity to ground truth (mean ± std)", "",
+             "| method | " + " | ".join(masks) + " |", "|---|" + "---|" * len(masks)]  # fmt: skip
+
+    def cell(method: str, mask: str, key: str, fmt: str = "{:.3f}") -> str:
+        v = methods[method].get(mask, {}).get(key)
+        if v is None:
+            return "-"
+        if isinstance(v, list):
+            return (fmt + " ± " + fmt).format(*v) if len(v) == 2 else "-"
+        return fmt.format(v)
+
+    for m in methods:
+        lines.append(f"| {m} | " + " | ".join(cell(m, k, "identity_sim") for k in masks) + " |")
+    for title, key, fmt in (("masked-region PSNR (dB)", "psnr", "{:.2f}"),
+                            ("masked-region SSIM", "ssim", "{:.3f}"),
+                            ("outside-mask error (mean |diff|, [0, 1])", "outside_error", "{:.4f}"),
+                            ("FID", "fid", "{:.2f}"), ("KID", "kid", "{:.4f}")):  # fmt: skip
+        lines += ["", f"## Inpainting: {title}", "", "| method | " + " | ".join(masks) + " |",
+                  "|---|" + "---|" * len(masks)]  # fmt: skip
+        for m in methods:
+            lines.append(f"| {m} | " + " | ".join(cell(m, k, key, fmt) for k in masks) + " |")
+    lines += ["", "## Editing (15 prompts, wholeface mask)", "",
+              "| method | outputs | CLIP score |", "|---|---|---|"]  # fmt: skip
+    for m, e in methods.items():
+        ed = e.get("edit", {})
+        cs = ed.get("clip_score")
+        cs_text = "{:.2f} ± {:.2f}".format(*cs) if cs else "- (no --clip-weights)"
+        lines.append(f"| {m} | {ed.get('n', 0)} | {cs_text} |")
+    lines += ["", "## Seconds", "", "| method | adaptation per person | sampling per image |",
+              "|---|---|---|"]  # fmt: skip
+    for m, e in methods.items():
+        s = e.get("seconds", {})
+
+        def sec(key: str, s=s) -> str:
+            v = s.get(key)
+            return "{:.1f} ± {:.1f}".format(*v) if v and np.isfinite(v[0]) else "-"
+
+        lines.append(f"| {m} | {sec('adapt_s_per_person')} | {sec('sample_s_per_image')} |")
+    return "\n".join(lines) + "\n"
