@@ -16,6 +16,7 @@ from pva.adapter import save_adapter
 from pva.evaluate import EDIT_SUFFIXES, evaluate
 from pva.faces import detect_landmarks, load_rgb
 from pva.metrics import (
+    ClipScorer,
     InceptionFeatures,
     fid_from_features,
     kid_from_features,
@@ -90,6 +91,8 @@ def test_fid_kid_with_an_injected_extractor_and_the_missing_weights_error(tmp_pa
     assert abs(kid_same) < 0.05 < kid_diff
     with pytest.raises(FileNotFoundError, match="weights-inception-2015-12-05"):
         InceptionFeatures(tmp_path / "missing.pth")
+    with pytest.raises(FileNotFoundError, match="ViT-B/32"):
+        ClipScorer(tmp_path / "missing_clip.bin")
 
 
 def test_masked_metrics():
