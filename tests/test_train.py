@@ -133,7 +133,13 @@ def test_ddp_two_ranks_train_on_different_data_and_stay_identical(
     assert r0["world_size"] == 2 and r0["end_step"] == r1["end_step"] == 3
     assert r0["start_digest"] == r1["start_digest"]
     assert r0["end_digest"] == r1["end_digest"] != r0["start_digest"]
-    assert r0["samples"] != r1["samples"]  # different data, same weights: gradients averaged
+    assert r0["samples"] != r1["samples"]  # different data, same weights
+    # gradients really are averaged: DDP's gradient is the mean of the two ranks' own gradients
+    local0, local1 = torch.tensor(r0["local_grad"]), torch.tensor(r1["local_grad"])
+    ddp0, ddp1 = torch.tensor(r0["ddp_grad"]), torch.tensor(r1["ddp_grad"])
+    assert torch.equal(ddp0, ddp1)
+    torch.testing.assert_close(ddp0, (local0 + local1) / 2, atol=1e-6, rtol=1e-4)
+    assert (local0 - local1).abs().max() > 100 * (ddp0 - (local0 + local1) / 2).abs().max()
 
 
 def test_sigkill_then_resume_from_last_checkpoint(tiny_assets, train_shards, tmp_path):

@@ -32,6 +32,31 @@ class DumpRankState(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.state["samples"].append([f"{p}/{f}" for p, f in zip(batch["person"], batch["file"])])
+        if batch_idx == 0 and trainer.world_size > 1:
+            self._probe_gradients(trainer, pl_module, batch)
+
+    def _probe_gradients(self, trainer, pl_module, batch) -> None:
+        """Same seed, same batch: this rank's own gradient, and the DDP-averaged gradient."""
+        import torch
+
+        params = [p for g in trainer.optimizers[0].param_groups for p in g["params"]]
+
+        def flat() -> list[float]:
+            grads = [p.grad.detach().flatten() for p in params if p.grad is not None]
+            return torch.cat(grads).tolist()
+
+        for p in params:
+            p.grad = None
+        torch.manual_seed(1234)
+        pl_module.model.training_loss(batch, pl_module.hparams.timestep_draws).backward()
+        self.state["local_grad"] = flat()  # the unwrapped module: no all-reduce
+        for p in params:
+            p.grad = None
+        torch.manual_seed(1234)
+        trainer.strategy.training_step(batch, 0).backward()  # through DistributedDataParallel
+        self.state["ddp_grad"] = flat()
+        for p in params:
+            p.grad = None
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.state["end_step"] = trainer.global_step
