@@ -75,6 +75,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         inception_weights=args.inception_weights, clip_weights=args.clip_weights,
         paste_back=args.paste_back, max_persons=args.max_persons, shard_index=args.shard_index,
         num_shards=args.num_shards, batch_size=args.batch_size, seed=args.seed,
+        prior_data=args.prior_data, prior_split=args.prior_split, prior_weight=args.prior_weight,
     )  # fmt: skip
     print(f"generated {results['generated_this_run']} images; results in {args.out}/results.md")
 
@@ -264,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
             "and writes results.json, results.md and image grids. Existing outputs are reused."
         ),
     )
-    ev.add_argument("--data", required=True, help="shards folder (pva shards build output)")
+    ev.add_argument(
+        "--data", required=True, help="shards folder, or a folder of person folders (built)"
+    )
     ev.add_argument("--out", required=True, help="output folder (resumed when it exists)")
     ev.add_argument(
         "--methods",
@@ -301,6 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--num-shards", type=int, default=1, help="processes sharing the persons")
     ev.add_argument("--batch-size", type=int, default=4, help="images per sampling call")
     ev.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    ev.add_argument(
+        "--prior-data",
+        default=None,
+        help="custom-diffusion prior preservation: shards of other persons (default: off)",
+    )
+    ev.add_argument("--prior-split", default="train", help="split of --prior-data (train)")
+    ev.add_argument("--prior-weight", type=float, default=1.0, help="prior loss weight (1.0)")
     ev.set_defaults(func=_evaluate)
 
     t = sub.add_parser(

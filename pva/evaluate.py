@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +94,8 @@ class Evaluator:
         self.ft_steps, self.cd_steps, self.seed = ft_steps, cd_steps, seed
         self.paste_back, self.batch_size = paste_back, batch_size
         self.generated = 0
+        self.prior: Callable[[torch.Generator], dict] | None = None  # custom-diffusion only
+        self.prior_weight = 1.0
 
     # ---------------------------------------------------------------------- generation
     def _sample(self, method: str, samples: list[dict], refs: torch.Tensor, prompts: list[str],
@@ -157,13 +159,52 @@ class Evaluator:
         if method in _FT:
             steps = self.cd_steps if method == "custom-diffusion" else self.ft_steps
             t0 = time.perf_counter()
+            prior = self.prior if method == "custom-diffusion" else None
             with personalized(self.model, person["images"], person["references"],
-                              person["boxes"], steps=steps, variant=_FT[method],
-                              seed=self.seed):  # fmt: skip
+                              person["boxes"], steps=steps, variant=_FT[method], seed=self.seed,
+                              prior=prior, prior_weight=self.prior_weight):  # fmt: skip
                 timings["adapt_s_per_person"].append(time.perf_counter() - t0)
                 run()
         else:
             run()
+
+
+def _shards_for_folder(folder: str, shards: Path, split: str, model: PVAModel) -> str:
+    """Build (once) shards of a people folder with every person in ``split``."""
+    from pva.shards import build_shards
+
+    if not (shards / "index.json").is_file():
+        size = int(model.unet.config.sample_size) * 2 ** (
+            len(model.vae.config.block_out_channels) - 1
+        )
+        fractions = {"test": (0.0, 1.0), "val": (1.0, 0.0)}.get(split)
+        if fractions is None:
+            raise ValueError(f"a photo folder can be evaluated as split test or val, not {split}")
+        build_shards(folder, shards, image_size=size, val_fraction=fractions[0],
+                     test_fraction=fractions[1], overwrite=True)  # fmt: skip
+    return str(shards)
+
+
+def _prior_sampler(shards: str, split: str, num_refs: int) -> Callable[[torch.Generator], dict]:
+    """A callable drawing one prior-preservation batch (another person, wholeface mask)."""
+    dm = ShardDataModule(shards, max_refs=num_refs, eval_masks=("wholeface",), num_workers=0)
+    stream = dm._stream(split, False)
+    stream.rank, stream.world_size = 0, 1
+    pool = []
+    for rec in stream._records(iter(stream.urls)):
+        pool.extend(stream.person_eval_samples(rec))
+        if len(pool) >= 256:
+            break
+    if not pool:
+        raise ValueError(f"--prior-data '{shards}' has no {split} photos")
+
+    def draw(gen: torch.Generator) -> dict:
+        s = pool[int(torch.randint(len(pool), (1,), generator=gen))]
+        return {"image": s["image"][None], "mask": s["mask"][None],
+                "references": torch.stack(s["references"])[None],
+                "prompt": [UNCOND_PROMPT]}  # fmt: skip
+
+    return draw
 
 
 def _save_ground_truth(out: Path, person: str, samples: list[dict]) -> None:
@@ -204,11 +245,15 @@ def evaluate(
     num_shards: int = 1,
     batch_size: int = 4,
     seed: int = 0,
+    prior_data: str | None = None,
+    prior_split: str = "train",
+    prior_weight: float = 1.0,
 ) -> dict:
     """Run the protocol; returns the results dict also written to ``OUT/results.json``.
 
     Args:
-        data: Shards folder (``pva shards build`` output).
+        data: Shards folder (``pva shards build`` output), or a folder of person folders (shards
+            are built into ``OUT/_shards`` at the model resolution, every person in ``split``).
         out: Output folder (resumed when it exists).
         methods: Any of :data:`METHODS`.
         adapter: PVA adapter (needed by every method but ``sd-inpaint``).
@@ -235,6 +280,10 @@ def evaluate(
         num_shards: Number of processes sharing the persons.
         batch_size: Images per sampling call.
         seed: Sampling and adaptation seed.
+        prior_data: Shards of OTHER persons for Custom Diffusion's prior preservation (off
+            when ``None``); its ``prior_split`` photos, wholeface-masked, ``photo of a person``.
+        prior_split: Split of ``prior_data`` to draw prior photos from.
+        prior_weight: Weight of the prior-preservation loss.
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -259,11 +308,16 @@ def evaluate(
             raise ValueError("without --adapter, give --backbone and --face-model")
         model = PVAModel.from_paths(backbone, face_model)
     assert model is not None
+    if not (Path(data) / "index.json").is_file():
+        data = _shards_for_folder(data, out_dir / "_shards", split, model)
     dm = ShardDataModule(data, max_refs=num_refs, eval_masks=tuple(masks), num_workers=0)
     stream = dm._stream(split, False)
     stream.rank, stream.world_size = 0, 1
     ev = Evaluator(model, out_dir, guidance, edit_guidance, steps, eta, ft_steps, cd_steps, seed,
                    paste_back, batch_size)  # fmt: skip
+    if prior_data is not None:
+        ev.prior = _prior_sampler(prior_data, prior_split, num_refs)
+        ev.prior_weight = prior_weight
     timings: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     persons = list(stream._records(iter(stream.urls)))[: max_persons or None]
     for k, rec in enumerate(tqdm(persons, desc="persons", unit="person")):

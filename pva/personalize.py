@@ -10,7 +10,7 @@ its adapter mid-training without changing what training computes.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
@@ -72,6 +72,8 @@ def personalized(
     hflip_prob: float = 0.5,
     seed: int = 0,
     progress: bool = False,
+    prior: Callable[[torch.Generator], dict] | None = None,
+    prior_weight: float = 1.0,
 ) -> Iterator[PersonalizeResult]:
     """Fine-tune on one person's photos for ``steps`` optimizer steps; restore on exit.
 
@@ -97,6 +99,10 @@ def personalized(
         hflip_prob: Probability of flipping a target.
         seed: Seed of flips, noise and timesteps.
         progress: Show a progress bar.
+        prior: Prior preservation (Custom Diffusion's option): a callable returning a batch of
+            OTHER persons' photos (``image``, ``mask``, ``references``, ``prompt`` =
+            ``photo of a person``); its loss, without identity tokens, is added each step.
+        prior_weight: Weight of the prior loss.
 
     Yields:
         A :class:`PersonalizeResult`; ``state`` holds the personalized tensors.
@@ -154,6 +160,12 @@ def personalized(
                 no_identity = 1.0 if variant == "custom-diffusion" else 0.0
                 loss = model.training_loss(batch, timestep_draws, identity_dropout=no_identity,
                                            generator=gen)  # fmt: skip
+                if prior is not None:
+                    prior_batch = prior(flip_gen)
+                    prior_loss = model.training_loss(
+                        prior_batch, timestep_draws, identity_dropout=1.0, generator=gen
+                    )
+                    loss = loss + prior_weight * prior_loss
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

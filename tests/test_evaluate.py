@@ -167,3 +167,31 @@ def test_personalized_methods_run_and_unknown_methods_fail(eval_setup, tmp_path)
     for method in ("pva-ft40", "custom-diffusion"):
         secs = results["methods"][method]["seconds"]
         assert secs["adapt_s_per_person"][0] > 0 and secs["sample_s_per_image"][0] > 0
+
+
+def test_a_people_folder_and_prior_preservation(eval_setup, tmp_path):
+    results = evaluate(str(eval_setup["root"] / "people"), str(tmp_path / "ev"),
+                       methods=("custom-diffusion",), adapter=str(eval_setup["adapter"]),
+                       steps=2, cd_steps=3, num_refs=2, max_persons=1, edit=False,
+                       prior_data=str(eval_setup["shards"]), prior_split="test")  # fmt: skip
+    assert (tmp_path / "ev" / "_shards" / "index.json").is_file()  # built from the folder
+    assert results["methods"]["custom-diffusion"]["wholeface"]["n"] > 0
+
+
+def test_prior_preservation_adds_its_loss(make_model):
+    from conftest import make_batch
+
+    from pva.personalize import personalized
+
+    model = make_model()
+    batch = make_batch(batch_size=3, num_refs=1)
+    boxes = [(16, 16, 48, 48)] * 3
+    refs = batch["image"]
+    prior = make_batch(batch_size=1, num_refs=2, seed=5)
+    prior["prompt"] = ["photo of a person"]
+    runs = []
+    for p in (None, lambda g: prior):
+        with personalized(model, batch["image"], refs, boxes, steps=2, variant="custom-diffusion",
+                          prior=p) as result:  # fmt: skip
+            runs.append(result.losses)
+    assert runs[0] != runs[1] and runs[1][0] > runs[0][0]
