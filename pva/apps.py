@@ -59,7 +59,7 @@ def person_tensors(pipe: PVAInpaintPipeline, files: list[Path], skip_bad: bool) 
             continue
         crop = face_centred_crop(rgb, found[0], size)
         images.append(_to_tensor(crop.image))
-        refs.append(pipe._reference_tensors([crop.image], False)[0][0])
+        refs.append(pipe.reference_tensor(rgb, found[0]))
         boxes.append(region_box(crop.landmarks, "wholeface", (size, size)))
         used.append(f.name)
     if len(images) < 2:
@@ -100,9 +100,11 @@ def personalize_cli(
     for _, target in persons.values():
         if target.exists() and not overwrite:
             raise FileExistsError(f"--out '{target}' exists; pass --overwrite")
+    backbone, face_model = resolve_paths(adapter, backbone, face_model)
     pipe = load_pipeline(adapter, backbone, face_model)
     model = pipe.pva
     assert model is not None
+    paths = {"backbone": backbone, "face_model": face_model}
     extra = []
     if variant == "crossqkv":
         extra = [k for k, _ in trainable_for(model, "crossqkv")["attention"]
@@ -113,8 +115,6 @@ def personalize_cli(
         t0 = time.perf_counter()
         with personalized(model, data["images"], data["references"], data["boxes"], steps=steps,
                           variant=variant, seed=seed, progress=True) as result:  # fmt: skip
-            paths = {"backbone": resolve_paths(adapter, backbone, face_model)[0],
-                     "face_model": resolve_paths(adapter, backbone, face_model)[1]}  # fmt: skip
             save_adapter(model, target, overwrite=True, extra_keys=extra, paths=paths)
         print(
             f"{person}: {len(data['files'])} photos, {steps} steps, "

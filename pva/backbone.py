@@ -154,6 +154,11 @@ class Backbone:
         return path
 
 
+def model_resolution(unet: UNet2DConditionModel, vae: AutoencoderKL) -> int:
+    """Image side the UNet was trained at: latent ``sample_size`` x the VAE factor (512, SD2)."""
+    return int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def _missing_files(folder: Path) -> list[str]:
     """List what a SD2-inpainting folder lacks (relative paths), empty when complete."""
     missing = []

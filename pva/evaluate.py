@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from datamodules.masks import EVAL_MASKS
 from datamodules.shards import ShardDataModule, decode_jpeg
+from pva.backbone import model_resolution
 from pva.fileio import atomic_path
 from pva.metrics import (
     FeatureFn,
@@ -174,9 +175,7 @@ def _shards_for_folder(folder: str, shards: Path, split: str, model: PVAModel) -
     from pva.shards import build_shards
 
     if not (shards / "index.json").is_file():
-        size = int(model.unet.config.sample_size) * 2 ** (
-            len(model.vae.config.block_out_channels) - 1
-        )
+        size = model_resolution(model.unet, model.vae)
         fractions = {"test": (0.0, 1.0), "val": (1.0, 0.0)}.get(split)
         if fractions is None:
             raise ValueError(f"a photo folder can be evaluated as split test or val, not {split}")

@@ -14,7 +14,7 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageOps
 
 # dlib's 68-point indices (0-based)
 JAW, RBROW, LBROW = range(0, 17), range(17, 22), range(22, 27)
@@ -55,7 +55,6 @@ def load_rgb(path: str | Path) -> np.ndarray:
             with Image.open(path) as img:
                 if img.width * img.height > MAX_PIXELS:
                     raise BadImageError(f"too large ({img.width}x{img.height} pixels)")
-                ImageFile.LOAD_TRUNCATED_IMAGES = False
                 img.load()
                 img = ImageOps.exif_transpose(img)
                 return _to_rgb(img)

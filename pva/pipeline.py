@@ -30,7 +30,7 @@ from diffusers.utils import BaseOutput
 from PIL import Image
 
 from pva.adapter import config_from_adapter, load_adapter, read_adapter, save_adapter
-from pva.backbone import Backbone, load_backbone
+from pva.backbone import Backbone, load_backbone, model_resolution
 from pva.faces import (
     BadImageError,
     _to_rgb,
@@ -211,9 +211,14 @@ class PVAInpaintPipeline(DiffusionPipeline):
     @property
     def resolution(self) -> int:
         """Model resolution (512 for SD2)."""
-        return int(self.unet.config.sample_size) * 2 ** (
-            len(self.vae.config.block_out_channels) - 1
-        )
+        return model_resolution(self.unet, self.vae)
+
+    def reference_tensor(self, rgb: np.ndarray, landmarks: np.ndarray) -> torch.Tensor:
+        """A photo as the identity encoder sees it (per ``face_crop``): (3, R, R) in [-1, 1]."""
+        assert self.pva is not None
+        if self.pva.config.face_crop == "none":
+            return _to_tensor(align_face(rgb, landmarks))  # (3, 112, 112)
+        return _to_tensor(face_centred_crop(rgb, landmarks, 256).image)  # (3, 256, 256)
 
     def _reference_tensors(
         self, images: Sequence[ImageInput], skip_bad: bool
@@ -233,11 +238,7 @@ class PVAInpaintPipeline(DiffusionPipeline):
                     raise
                 warnings.warn(f"{err}; skipping it", stacklevel=3)
                 continue
-            lm = found[0]
-            if self.pva.config.face_crop == "none":
-                crops.append(_to_tensor(align_face(rgb, lm)))
-            else:
-                crops.append(_to_tensor(face_centred_crop(rgb, lm, 256).image))
+            crops.append(self.reference_tensor(rgb, found[0]))
             used.append(i)
         if not crops:
             raise ValueError("no usable reference photo (each needs a detectable face)")

@@ -15,6 +15,7 @@ silently drops a sample.
 
 from __future__ import annotations
 
+import warnings
 from functools import cache
 from pathlib import Path
 
@@ -52,10 +53,8 @@ class Recognizer:
 def _dlib_recognizer():
     import dlib
 
-    import pva.faces as faces
-
-    with faces.warnings.catch_warnings():
-        faces.warnings.simplefilter("ignore")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # face_recognition_models imports pkg_resources
         import face_recognition_models as frm
 
     return dlib.face_recognition_model_v1(frm.face_recognition_model_location())
