@@ -434,6 +434,12 @@ class ShardDataModule(L.LightningDataModule):
             persistent_workers=train and workers > 0,
         )
 
+    def records(self, split: str) -> Iterator[Person]:
+        """Every person record of ``split`` in shard order, all in this process (no rank split)."""
+        stream = self._stream(split, False)
+        stream.rank, stream.world_size = 0, 1
+        return stream._records(iter(stream.urls))
+
     def fixed_batches(self, split: str, num_persons: int, batch_size: int) -> list[dict]:
         """Evaluation batches of the first ``num_persons`` persons of a split, on any rank.
 

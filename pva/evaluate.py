@@ -12,13 +12,15 @@ the wholeface mask with the 15 editing prompts. Outputs are PNGs at stable paths
 Existing outputs are never recomputed (a person's adaptation runs only if one of its outputs is
 missing), so re-running resumes. Metrics are computed at the end over every output present, per
 method and mask: identity similarity to the ground truth (a recognizer other than the conditioning
-one), masked PSNR / SSIM, outside-mask error, FID and KID (with ``inception_weights``), CLIP score
+one), masked-region error (mean absolute difference inside the mask), masked PSNR / SSIM,
+outside-mask error, FID and KID (with ``inception_weights``), CLIP score
 of edits (with ``clip_weights``), and seconds of adaptation per person and sampling per image.
 ``results.json``, ``results.md`` and a grid per method are written to OUT.
 
 Methods: ``sd-inpaint`` (the frozen backbone, ``photo of a person``, no references), ``pva``
 (zero-shot), ``pva-ft40`` / ``crossqkv-ft40`` (METHOD 7, ``ft_steps``), ``custom-diffusion``
-(attention K/V + token, ``cd_steps``, no identity tokens).
+(attention K/V + token, ``cd_steps``, no identity tokens; with ``cd_eval_steps`` also scored
+after fewer steps, as ``custom-diffusion@<steps>``, from the same fine-tuning run).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from pva.metrics import (
     InceptionFeatures,
     fid_from_features,
     kid_from_features,
+    masked_error,
     masked_psnr,
     masked_ssim,
     outside_mask_error,
@@ -84,7 +87,8 @@ class Evaluator:
 
     def __init__(self, model: PVAModel, out: Path, guidance: float, edit_guidance: float,
                  steps: int, eta: float, ft_steps: int, cd_steps: int, seed: int,
-                 paste_back: bool, batch_size: int) -> None:  # fmt: skip
+                 paste_back: bool, batch_size: int,
+                 cd_eval_steps: Sequence[int] = ()) -> None:  # fmt: skip
         self.model, self.out = model.eval(), out
         self.guidance, self.edit_guidance, self.steps, self.eta = (
             guidance,
@@ -93,6 +97,7 @@ class Evaluator:
             eta,
         )
         self.ft_steps, self.cd_steps, self.seed = ft_steps, cd_steps, seed
+        self.cd_eval_steps = tuple(k for k in cd_eval_steps if 0 < k < cd_steps)
         self.paste_back, self.batch_size = paste_back, batch_size
         self.generated = 0
         self.prior: Callable[[torch.Generator], dict] | None = None  # custom-diffusion only
@@ -118,33 +123,45 @@ class Evaluator:
             outs.extend(out.cpu())
         return outs
 
+    def _missing(self, method: str, pid: str, samples: list[dict]) -> list[dict]:
+        return [s for s in samples
+                if not (self.out / method / pid / f"{_stem(s)}_{s['mask_region']}.png").exists()]
+
+    def _write(self, method: str, pid: str, samples: list[dict], outs: list[torch.Tensor]) -> None:
+        for s, o in zip(samples, outs):
+            _png(self.out / method / pid / f"{_stem(s)}_{s['mask_region']}.png", o)
+
     def person(self, method: str, person: dict, samples: list[dict], edit: dict | None,
                timings: dict) -> None:  # fmt: skip
-        """Generate the missing outputs of one person for one method."""
+        """Generate the missing outputs of one person for one method.
+
+        For ``custom-diffusion`` with ``cd_eval_steps``, the inpainting track is also sampled
+        after those fine-tuning steps, as method ``custom-diffusion@<steps>``.
+        """
         pid = person["person"]
-        todo = [
-            s
-            for s in samples
-            if not (self.out / method / pid / f"{_stem(s)}_{s['mask_region']}.png").exists()
-        ]
+        todo = self._missing(method, pid, samples)
         edit_todo = []
         if edit is not None:
             edit_todo = [k for k in range(len(EDIT_SUFFIXES))
                          if not (self.out / method / pid / "edit" / f"{_stem(edit)}_{k}.png"
                                  ).exists()]  # fmt: skip
-        if not todo and not edit_todo:
+        checkpoints: dict[int, list[dict]] = {}
+        if method == "custom-diffusion":
+            checkpoints = {k: self._missing(f"{method}@{k}", pid, samples)
+                           for k in self.cd_eval_steps}  # fmt: skip
+        if not todo and not edit_todo and not any(checkpoints.values()):
             return
         refs = person["references"]
+        base_prompt = TEMPLATE.format(self.model.modifier_token.token)
+        prompt = UNCOND_PROMPT if method == "sd-inpaint" else base_prompt
+        sampling = [0.0]  # seconds spent sampling inside the fine-tuning loop
 
         def run() -> None:
-            base_prompt = TEMPLATE.format(self.model.modifier_token.token)
-            prompt = UNCOND_PROMPT if method == "sd-inpaint" else base_prompt
             t0 = time.perf_counter()
             if todo:
                 outs = self._sample(method, todo, refs, [prompt] * len(todo), "inpaint",
                                     self.guidance)  # fmt: skip
-                for s, o in zip(todo, outs):
-                    _png(self.out / method / pid / f"{_stem(s)}_{s['mask_region']}.png", o)
+                self._write(method, pid, todo, outs)
             if edit_todo:
                 assert edit is not None
                 token = "" if method == "sd-inpaint" else self.model.modifier_token.token + " "
@@ -154,8 +171,19 @@ class Evaluator:
                 for k, o in zip(edit_todo, outs):
                     _png(self.out / method / pid / "edit" / f"{_stem(edit)}_{k}.png", o)
             count = len(todo) + len(edit_todo)
-            timings["sample_s_per_image"].append((time.perf_counter() - t0) / count)
+            if count:
+                timings["sample_s_per_image"].append((time.perf_counter() - t0) / count)
             self.generated += count
+
+        def at_step(step: int) -> None:
+            pending = checkpoints.get(step)
+            if pending:
+                t0 = time.perf_counter()
+                outs = self._sample(method, pending, refs, [prompt] * len(pending), "inpaint",
+                                    self.guidance)  # fmt: skip
+                self._write(f"{method}@{step}", pid, pending, outs)
+                self.generated += len(pending)
+                sampling[0] += time.perf_counter() - t0
 
         if method in _FT:
             steps = self.cd_steps if method == "custom-diffusion" else self.ft_steps
@@ -163,8 +191,9 @@ class Evaluator:
             prior = self.prior if method == "custom-diffusion" else None
             with personalized(self.model, person["images"], person["references"],
                               person["boxes"], steps=steps, variant=_FT[method], seed=self.seed,
-                              prior=prior, prior_weight=self.prior_weight):  # fmt: skip
-                timings["adapt_s_per_person"].append(time.perf_counter() - t0)
+                              prior=prior, prior_weight=self.prior_weight,
+                              callback=at_step if checkpoints else None):  # fmt: skip
+                timings["adapt_s_per_person"].append(time.perf_counter() - t0 - sampling[0])
                 run()
         else:
             run()
@@ -247,6 +276,7 @@ def evaluate(
     prior_data: str | None = None,
     prior_split: str = "train",
     prior_weight: float = 1.0,
+    cd_eval_steps: Sequence[int] = (),
 ) -> dict:
     """Run the protocol; returns the results dict also written to ``OUT/results.json``.
 
@@ -283,6 +313,8 @@ def evaluate(
             when ``None``); its ``prior_split`` photos, wholeface-masked, ``photo of a person``.
         prior_split: Split of ``prior_data`` to draw prior photos from.
         prior_weight: Weight of the prior-preservation loss.
+        cd_eval_steps: Also score ``custom-diffusion`` after these fine-tuning steps (its
+            inpainting track, as methods ``custom-diffusion@<steps>``), e.g. ``(40, 100, 300)``.
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -313,7 +345,7 @@ def evaluate(
     stream = dm._stream(split, False)
     stream.rank, stream.world_size = 0, 1
     ev = Evaluator(model, out_dir, guidance, edit_guidance, steps, eta, ft_steps, cd_steps, seed,
-                   paste_back, batch_size)  # fmt: skip
+                   paste_back, batch_size, cd_eval_steps)  # fmt: skip
     if prior_data is not None:
         ev.prior = _prior_sampler(prior_data, prior_split, num_refs)
         ev.prior_weight = prior_weight
@@ -337,7 +369,12 @@ def evaluate(
         for method in methods:
             ev.person(method, person, samples, edit_sample if edit else None, timings[method])
     _merge_timings(out_dir, timings, shard_index)
-    results = score(out_dir, methods, scorer, feature_fn, clip)
+    scored = list(methods)
+    if "custom-diffusion" in methods:
+        at = [f"custom-diffusion@{k}" for k in ev.cd_eval_steps]
+        i = scored.index("custom-diffusion")
+        scored[i:i] = at  # before the final one: rows in step order
+    results = score(out_dir, scored, scorer, feature_fn, clip)
     results["generated_this_run"] = ev.generated
     with atomic_path(out_dir / "results.json") as tmp:
         tmp.write_text(json.dumps(results, indent=1))
@@ -391,6 +428,7 @@ def score(out: Path, methods: Sequence[str], scorer, feature_fn: FeatureFn | Non
             m = per_mask[meta["mask"]]
             m["identity_sim"].append(float(scorer.similarity(o, gt, lm)[0]))
             m["psnr"].append(float(masked_psnr(o, gt, mask)[0]))
+            m["masked_error"].append(float(masked_error(o, gt, mask)[0]))
             m["ssim"].append(float(masked_ssim(o, gt, mask)[0]))
             m["outside_error"].append(float(outside_mask_error(o, gt, mask)[0]))
             if feature_fn is not None:
@@ -442,7 +480,8 @@ def results_markdown(results: dict) -> str:
 
     for m in methods:
         lines.append(f"| {m} | " + " | ".join(cell(m, k, "identity_sim") for k in masks) + " |")
-    for title, key, fmt in (("masked-region PSNR (dB)", "psnr", "{:.2f}"),
+    for title, key, fmt in (("masked-region error (mean |diff|, [0, 1])", "masked_error",
+                             "{:.4f}"), ("masked-region PSNR (dB)", "psnr", "{:.2f}"),
                             ("masked-region SSIM", "ssim", "{:.3f}"),
                             ("outside-mask error (mean |diff|, [0, 1])", "outside_error", "{:.4f}"),
                             ("FID", "fid", "{:.2f}"), ("KID", "kid", "{:.4f}")):  # fmt: skip

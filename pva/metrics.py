@@ -167,3 +167,10 @@ def outside_mask_error(output: Tensor, source: Tensor, mask: Tensor) -> Tensor:
     outside = (~_mask_bool(mask)).unsqueeze(1).expand_as(output)
     diff = ((output - source).abs() / 2) * outside
     return diff.flatten(1).sum(1) / outside.flatten(1).sum(1).clamp(min=1)
+
+
+def masked_error(output: Tensor, source: Tensor, mask: Tensor) -> Tensor:
+    """Mean absolute difference inside the mask ([0, 1] units), per image: (N,)."""
+    inside = _mask_bool(mask).unsqueeze(1).expand_as(output)
+    diff = ((output - source).abs() / 2) * inside
+    return diff.flatten(1).sum(1) / inside.flatten(1).sum(1).clamp(min=1)

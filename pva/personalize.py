@@ -74,6 +74,7 @@ def personalized(
     progress: bool = False,
     prior: Callable[[torch.Generator], dict] | None = None,
     prior_weight: float = 1.0,
+    callback: Callable[[int], None] | None = None,
 ) -> Iterator[PersonalizeResult]:
     """Fine-tune on one person's photos for ``steps`` optimizer steps; restore on exit.
 
@@ -103,6 +104,8 @@ def personalized(
             OTHER persons' photos (``image``, ``mask``, ``references``, ``prompt`` =
             ``photo of a person``); its loss, without identity tokens, is added each step.
         prior_weight: Weight of the prior loss.
+        callback: Called after every optimizer step with the number of steps done (1-based),
+            with the model in its personalized state (e.g. to sample at intermediate steps).
 
     Yields:
         A :class:`PersonalizeResult`; ``state`` holds the personalized tensors.
@@ -170,6 +173,8 @@ def personalized(
                 loss.backward()
                 opt.step()
                 result.losses.append(loss.item())
+                if callback is not None:
+                    callback(step + 1)
             result.seconds = time.perf_counter() - t0
             names = {id(p): k for g in groups.values() for k, p in g}
             result.state = {names[id(p)]: p.detach().clone() for p in params}

@@ -1,0 +1,170 @@
+"""`pva demo`: the procedural persons, and the whole miniature experiment end to end (--quick)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pva.demo.generator import (
+    HIDDEN,
+    IRIS,
+    LIPS,
+    render,
+    sample_person,
+    write_idi_tree,
+)
+from pva.faces import REGIONS, region_boxes
+
+
+def _digest(root) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+def test_generator_is_deterministic_per_seed(tmp_path):
+    write_idi_tree(tmp_path / "a", num_persons=12, seed=3, progress=False)
+    write_idi_tree(tmp_path / "b", num_persons=12, seed=3, progress=False)
+    write_idi_tree(tmp_path / "c", num_persons=12, seed=4, progress=False)
+    da, db, dc = (_digest(tmp_path / k) for k in "abc")
+    assert da == db
+    assert da.keys() == dc.keys() and da != dc
+    # the CelebAHQ-IDI layout the shard builder reads
+    ann = json.loads((tmp_path / "a" / "annotation" / "idi-5.json").read_text())
+    persons = ann["train_ids"] + ann["val_ids"] + ann["test_ids"]
+    assert len(persons) == 12 and len(set(persons)) == 12
+    assert all(len(ann["id2image"][p]["ref"]) == 5 for p in persons)
+    lms = json.loads((tmp_path / "a" / "annotation" / "landmarks.json").read_text())
+    assert len(lms) == 12 * 7 and all(np.asarray(v).shape == (68, 2) for v in lms.values())
+    with pytest.raises(FileExistsError, match="overwrite"):
+        write_idi_tree(tmp_path / "a", num_persons=12, seed=3, progress=False)
+
+
+def _iris_colour(photo) -> np.ndarray:
+    """Mean colour of the 3x3 pixels at each eye's centre (the iris), (3,)."""
+    out = []
+    for eye in (REGIONS["reye"], REGIONS["leye"]):
+        x, y = np.round(photo.landmarks[eye][[0, 3]].mean(0)).astype(int)
+        out.append(photo.image[y - 1 : y + 2, x - 1 : x + 2].reshape(-1, 3).mean(0))
+    return np.mean(out, 0)
+
+
+def test_attributes_are_constant_per_person_and_differ_between_persons():
+    persons = [sample_person(0, i) for i in range(200)]
+    assert len(set(persons)) > 195  # combinations collide rarely (write_idi_tree skips repeats)
+    for i in (0, 1, 2):
+        photos = [render(persons[i], 0, i, j, 128) for j in range(6)]
+        attrs = {re.sub(r", and is .*$", "", p.caption) for p in photos}
+        assert len(attrs) == 1  # the caption's attributes are the person's, whatever the photo
+        # nuisance differs per photo: geometry and background
+        assert len({tuple(np.round(p.landmarks[30])) for p in photos}) == 6
+        # the iris seen in every photo is the person's colour (hue), under varying lighting
+        target = np.array(IRIS[persons[i].names()["iris"]], dtype=float)
+        for p in photos:
+            seen = _iris_colour(p)
+            cos = seen @ target / np.linalg.norm(seen) / np.linalg.norm(target)
+            assert cos > 0.97, (i, persons[i].names()["iris"], seen)
+
+
+def _features(image: np.ndarray) -> np.ndarray:
+    """A simple probe's input: 8x8 mean colours plus an 8-bin histogram per channel."""
+    small = image.reshape(8, 16, 8, 16, 3).mean((1, 3)).ravel() / 255.0
+    hist = [np.histogram(image[..., c], bins=8, range=(0, 256))[0] / image[..., 0].size
+            for c in range(3)]  # fmt: skip
+    return np.concatenate([small, *hist])
+
+
+def _ridge_probe(x_train, y_train, x_test, y_test, classes: int, lam: float = 1.0) -> float:
+    mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
+    a, b = (x_train - mu) / sd, (x_test - mu) / sd
+    a, b = np.hstack([a, np.ones((len(a), 1))]), np.hstack([b, np.ones((len(b), 1))])
+    onehot = np.eye(classes)[y_train]
+    w = np.linalg.solve(a.T @ a + lam * np.eye(a.shape[1]), a.T @ onehot)
+    return float(((b @ w).argmax(1) == y_test).mean())
+
+
+@pytest.mark.parametrize("attribute", ["iris", "lips"])
+def test_hidden_attributes_are_not_recoverable_from_the_context(attribute):
+    """A probe on the unmasked context is at chance; the same probe on the region alone is not."""
+    region = HIDDEN[attribute][1]
+    classes = len(IRIS) if attribute == "iris" else len(LIPS)
+    region_only, context, labels = [], [], []
+    for i in range(480):
+        person = sample_person(7, i)
+        photo = render(person, 7, i, 0, 128)
+        x0, y0, x1, y1 = region_boxes(photo.landmarks, (128, 128))[region]
+        masked = photo.image.copy()
+        masked[y0:y1, x0:x1] = 128
+        inside = np.full_like(photo.image, 128)
+        inside[y0:y1, x0:x1] = photo.image[y0:y1, x0:x1]
+        region_only.append(_features(inside))
+        context.append(_features(masked))
+        labels.append(getattr(person, attribute))
+    region_only, context, labels = np.array(region_only), np.array(context), np.array(labels)
+    split = 360
+    acc_region = _ridge_probe(region_only[:split], labels[:split], region_only[split:],
+                              labels[split:], classes)  # fmt: skip
+    acc_ctx = _ridge_probe(context[:split], labels[:split], context[split:], labels[split:],
+                           classes)  # fmt: skip
+    chance = 1.0 / classes
+    assert acc_region > chance + 0.3, acc_region  # the probe can read the attribute there
+    # 120 test photos: chance +/- 0.035 (1 sd); 0.15 above chance is > 4 sd
+    assert acc_ctx < chance + 0.15, acc_ctx
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "demo_out"
+    cmd = [sys.executable, "-m", "pva.cli", "demo", "--quick", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_quick_demo_runs_every_stage_and_reports(quick_demo):
+    from pva.demo.run import QUICK, _label, method_rows
+
+    out, _ = quick_demo
+    state = json.loads((out / "demo.json").read_text())
+    assert set(state["done"]) == {"data", "stage0", "stage1", "evaluate"}
+    # stage 0 wrote the stand-ins in the real formats; stage 1 went through train.py
+    assert (out / "models" / "backbone" / "model_index.json").is_file()
+    assert (out / "models" / "face_cond.pth").is_file()
+    assert (out / "models" / "face_score.pth").is_file()
+    assert (out / "adapter.safetensors").is_file()
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    assert (out / "grid.png").is_file()
+    report = (out / "report.md").read_text()
+    for method in method_rows(QUICK):  # every table row, with a number in it
+        row = next(line for line in report.splitlines()
+                   if line.startswith(f"| {_label(method, QUICK)} |"))  # fmt: skip
+        assert re.search(r"\| \d\.\d{3} ± \d\.\d{3} \|", row), row
+    assert report.count("**holds**") + report.count("**does not hold**") == 4
+    assert "python train.py fit --config" in report and "pva evaluate --data" in report
+    results = json.loads((out / "results.json").read_text())
+    # paste-back: every method leaves every pixel outside the mask as it was
+    for method in method_rows(QUICK):
+        assert results["table"][method]["mean"]["outside_error"] == 0.0
+
+
+def test_quick_demo_resumes_and_refuses_foreign_folders(quick_demo, tmp_path):
+    out, _ = quick_demo
+    before = (out / "demo.json").read_text()
+    cmd = [sys.executable, "-m", "pva.cli", "demo", "--quick", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "== " not in proc.stdout  # no stage ran again; the report was rewritten
+    assert (out / "demo.json").read_text() == before
+    # other settings in the same folder are refused, as is a folder that is not a demo
+    proc = subprocess.run(cmd + ["--seed", "1"], capture_output=True, text=True)
+    assert proc.returncode != 0 and "other settings" in proc.stderr
+    (tmp_path / "mine.txt").write_text("keep me")
+    proc = subprocess.run([sys.executable, "-m", "pva.cli", "demo", "--quick", "--out",
+                           str(tmp_path)], capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode != 0 and "not a demo folder" in proc.stderr
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
