@@ -85,6 +85,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         num_shards=args.num_shards, batch_size=args.batch_size, seed=args.seed,
         prior_data=args.prior_data, prior_split=args.prior_split, prior_weight=args.prior_weight,
         cd_eval_steps=[int(k) for k in args.cd_eval_steps.split(",") if k.strip()],
+        ft_lr=args.ft_lr,
     )  # fmt: skip
     print(f"generated {results['generated_this_run']} images; results in {args.out}/results.md")
 
@@ -328,6 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--eta", type=float, default=1.0, help="DDIM eta (default: 1.0)")
     ev.add_argument("--ft-steps", type=int, default=40, help="pva-ft40/crossqkv-ft40 steps")
     ev.add_argument("--cd-steps", type=int, default=1000, help="custom-diffusion steps")
+    ev.add_argument(
+        "--ft-lr",
+        type=float,
+        default=1e-5,
+        help="attention learning rate of every fine-tuning method (paper, SD2: 1e-5)",
+    )
     ev.add_argument(
         "--cd-eval-steps",
         default="",

@@ -88,7 +88,7 @@ class Evaluator:
     def __init__(self, model: PVAModel, out: Path, guidance: float, edit_guidance: float,
                  steps: int, eta: float, ft_steps: int, cd_steps: int, seed: int,
                  paste_back: bool, batch_size: int,
-                 cd_eval_steps: Sequence[int] = ()) -> None:  # fmt: skip
+                 cd_eval_steps: Sequence[int] = (), ft_lr: float = 1e-5) -> None:  # fmt: skip
         self.model, self.out = model.eval(), out
         self.guidance, self.edit_guidance, self.steps, self.eta = (
             guidance,
@@ -98,6 +98,7 @@ class Evaluator:
         )
         self.ft_steps, self.cd_steps, self.seed = ft_steps, cd_steps, seed
         self.cd_eval_steps = tuple(k for k in cd_eval_steps if 0 < k < cd_steps)
+        self.ft_lr = ft_lr
         self.paste_back, self.batch_size = paste_back, batch_size
         self.generated = 0
         self.prior: Callable[[torch.Generator], dict] | None = None  # custom-diffusion only
@@ -191,7 +192,7 @@ class Evaluator:
             prior = self.prior if method == "custom-diffusion" else None
             with personalized(self.model, person["images"], person["references"],
                               person["boxes"], steps=steps, variant=_FT[method], seed=self.seed,
-                              prior=prior, prior_weight=self.prior_weight,
+                              lr=self.ft_lr, prior=prior, prior_weight=self.prior_weight,
                               callback=at_step if checkpoints else None):  # fmt: skip
                 timings["adapt_s_per_person"].append(time.perf_counter() - t0 - sampling[0])
                 run()
@@ -277,6 +278,7 @@ def evaluate(
     prior_split: str = "train",
     prior_weight: float = 1.0,
     cd_eval_steps: Sequence[int] = (),
+    ft_lr: float = 1e-5,
 ) -> dict:
     """Run the protocol; returns the results dict also written to ``OUT/results.json``.
 
@@ -315,6 +317,7 @@ def evaluate(
         prior_weight: Weight of the prior-preservation loss.
         cd_eval_steps: Also score ``custom-diffusion`` after these fine-tuning steps (its
             inpainting track, as methods ``custom-diffusion@<steps>``), e.g. ``(40, 100, 300)``.
+        ft_lr: Attention learning rate per sample of every fine-tuning method (METHOD 7: 1e-5).
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -345,7 +348,7 @@ def evaluate(
     stream = dm._stream(split, False)
     stream.rank, stream.world_size = 0, 1
     ev = Evaluator(model, out_dir, guidance, edit_guidance, steps, eta, ft_steps, cd_steps, seed,
-                   paste_back, batch_size, cd_eval_steps)  # fmt: skip
+                   paste_back, batch_size, cd_eval_steps, ft_lr)  # fmt: skip
     if prior_data is not None:
         ev.prior = _prior_sampler(prior_data, prior_split, num_refs)
         ev.prior_weight = prior_weight

@@ -160,6 +160,8 @@ def test_quick_demo_resumes_and_refuses_foreign_folders(quick_demo, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "== " not in proc.stdout  # no stage ran again; the report was rewritten
     assert (out / "demo.json").read_text() == before
+    proc = subprocess.run(cmd + ["--only", "report"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "== " not in proc.stdout, proc.stderr[-2000:]
     # other settings in the same folder are refused, as is a folder that is not a demo
     proc = subprocess.run(cmd + ["--seed", "1"], capture_output=True, text=True)
     assert proc.returncode != 0 and "other settings" in proc.stderr

@@ -20,6 +20,7 @@ from pva.metrics import (
     InceptionFeatures,
     fid_from_features,
     kid_from_features,
+    masked_error,
     masked_psnr,
     outside_mask_error,
 )
@@ -102,6 +103,9 @@ def test_masked_metrics():
     y = torch.where(mask > 0, -x, x)  # differs inside the mask only
     assert torch.all(outside_mask_error(y, x, mask) == 0)
     assert torch.all(masked_psnr(x, x, mask) > 90) and torch.all(masked_psnr(y, x, mask) < 20)
+    assert torch.all(masked_error(x, x, mask) == 0)
+    assert torch.allclose(masked_error(y, x, mask), (x.abs() * mask).flatten(1).sum(1) /
+                          (mask.expand_as(x).flatten(1).sum(1)))  # |-x - x| / 2 = |x|  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -163,10 +167,22 @@ def test_personalized_methods_run_and_unknown_methods_fail(eval_setup, tmp_path)
     results = evaluate(str(eval_setup["shards"]), str(tmp_path / "ft"),
                        methods=("pva-ft40", "custom-diffusion"),
                        adapter=str(eval_setup["adapter"]), steps=2, ft_steps=2, cd_steps=3,
-                       num_refs=2, max_persons=1, edit=False)  # fmt: skip
+                       cd_eval_steps=(1, 2), num_refs=2, max_persons=1, edit=False,
+                       ft_lr=1e-3)  # fmt: skip
     for method in ("pva-ft40", "custom-diffusion"):
         secs = results["methods"][method]["seconds"]
         assert secs["adapt_s_per_person"][0] > 0 and secs["sample_s_per_image"][0] > 0
+    # custom diffusion is also scored after 1 and 2 of its 3 steps, from the same run
+    final = results["methods"]["custom-diffusion"]["wholeface"]
+    for k in (1, 2):
+        entry = results["methods"][f"custom-diffusion@{k}"]["wholeface"]
+        assert entry["n"] == final["n"] > 0
+        assert np.isfinite(entry["masked_error"][0]) and np.isfinite(entry["identity_sim"][0])
+    early = sorted((tmp_path / "ft" / "custom-diffusion@1").rglob("*.png"))
+    late = sorted((tmp_path / "ft" / "custom-diffusion").rglob("*.png"))
+    assert len(early) == len(late) and any(
+        not np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+        for a, b in zip(early, late))  # the weights moved between step 1 and step 3
 
 
 def test_a_people_folder_and_prior_preservation(eval_setup, tmp_path):

@@ -53,8 +53,8 @@ class DemoSize:
     cd_eval_steps: tuple[int, ...] = field(default=())
 
 
-FULL = DemoSize(persons=300, infer_per_person=2, vae_steps=1000, unet_steps=600,
-                recognizer_steps=200, stage1_steps=400, eval_persons=2, seeds=3, ddim_steps=25,
+FULL = DemoSize(persons=300, infer_per_person=2, vae_steps=1000, unet_steps=1300,
+                recognizer_steps=150, stage1_steps=1200, eval_persons=4, seeds=3, ddim_steps=25,
                 ft_steps=40, cd_steps=1000, cd_eval_steps=(40, 100, 300))  # fmt: skip
 """The full run: the paper's step counts for personalization (40) and Custom Diffusion (1000)."""
 QUICK = DemoSize(persons=60, infer_per_person=1, vae_steps=60, unet_steps=60,
@@ -149,7 +149,7 @@ def _stage1_config(out: Path, size: DemoSize, seed: int) -> Path:
             args["every_n_train_steps"] = max(1, size.stage1_steps // 2)
         elif name == "IdentityValidation":
             args["recognizer"] = str(out / "models" / "face_score.pth")
-            args["every_n_steps"] = size.stage1_steps
+            args["every_n_steps"] = max(1, size.stage1_steps // 3)  # and at the end
         elif name == "AdapterExport":
             args["dirpath"] = str(out)
     cfg["model"]["backbone"] = str(out / "models" / "backbone")
@@ -173,6 +173,16 @@ def _stage1(out: Path, size: DemoSize, seed: int) -> dict:
     return {"command": f"python train.py fit --config {config}"}
 
 
+def ft_learning_rate() -> float:
+    """Fine-tuning rate of the demo: 10x stage 1's per-sample ``lr_pva``, as in the paper.
+
+    METHOD 6-7 train SD2 at 1e-6 per sample and personalize at 1e-5; the demo's tiny model trains
+    at ``model.lr_pva`` of ``configs/demo.yaml``, so PVA-FT and Custom Diffusion use 10x that.
+    """
+    cfg = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    return 10.0 * float(cfg["model"]["lr_pva"])
+
+
 def _eval_kwargs(out: Path, size: DemoSize, seed: int) -> dict:
     return {
         "data": str(out / "shards"),
@@ -184,6 +194,7 @@ def _eval_kwargs(out: Path, size: DemoSize, seed: int) -> dict:
         "ft_steps": size.ft_steps,
         "cd_steps": size.cd_steps,
         "cd_eval_steps": list(size.cd_eval_steps),
+        "ft_lr": ft_learning_rate(),
         "edit": False,
         "paste_back": True,
         "max_persons": size.eval_persons,
@@ -196,7 +207,8 @@ def _eval_command(kw: dict) -> str:
         f"pva evaluate --data {kw['data']} --out {kw['out']} --methods {','.join(kw['methods'])} "
         f"--adapter {kw['adapter']} --recognizer {kw['recognizer']} --steps {kw['steps']} "
         f"--ft-steps {kw['ft_steps']} --cd-steps {kw['cd_steps']} "
-        f"--cd-eval-steps {','.join(map(str, kw['cd_eval_steps']))} --no-edit --paste-back "
+        f"--cd-eval-steps {','.join(map(str, kw['cd_eval_steps']))} --ft-lr {kw['ft_lr']:g} "
+        f"--no-edit --paste-back "
         f"--max-persons {kw['max_persons']} --seed {kw['seed']}"
     )
 
@@ -370,7 +382,7 @@ def write_report(out: Path, size: DemoSize, seeds: list[int], state: dict) -> Pa
     n = len(seeds)
     lines = [
         "# `pva demo`: PVA in miniature", "",
-        f"Run: `{settings['command']}` ({'quick' if settings['quick'] else 'full'}; seed "
+        f"Run: `{state['command']}` ({'quick' if settings['quick'] else 'full'}; seed "
         f"{settings['seed']}; evaluation seeds {', '.join(map(str, seeds))}).",
         f"Test persons evaluated: {size.eval_persons}, each target under 4 masks (lowerface, "
         f"eyebrow, wholeface, random); DDIM {size.ddim_steps} steps, eta 1, guidance 6, "
@@ -467,9 +479,9 @@ def demo(out: str | Path = "demo_out", quick: bool = False, seed: int = 0,
     out.mkdir(parents=True, exist_ok=True)
     size = QUICK if quick else FULL
     eval_seeds = [seed + k for k in range(seeds if seeds is not None else size.seeds)]
-    settings = {"quick": quick, "seed": seed, "seeds": eval_seeds, "size": asdict(size),
-                "command": command}  # fmt: skip
+    settings = {"quick": quick, "seed": seed, "seeds": eval_seeds, "size": asdict(size)}
     state = _State(out, settings)
+    state.data.setdefault("command", command)
     runners = {
         "data": lambda: _stage_data(out, size, seed),
         "stage0": lambda: _stage0(out, size, seed),
