@@ -418,6 +418,11 @@ def write_report(out: Path, size: DemoSize, seeds: list[int], state: dict) -> Pa
     if settings["quick"]:
         lines.append("- `--quick` trains every stage for a few steps only: it checks that the "
                      "pipeline runs end to end, and its numbers are not evidence either way.")
+    lines += ["", "What this is and is not: the stand-ins are minutes old, so every fill is blurry "
+              "and colour-shifted (see the VAE error below and the grid); the table compares "
+              "methods on the same frozen stand-ins and the same test persons, not image "
+              "quality. The seeds vary sampling and fine-tuning noise; the data, stage 0 and "
+              "stage 1 are trained once (`--seed`)."]  # fmt: skip
     stage0 = done.get("stage0", {})
     lines += ["", "## Stage 0 stand-ins (validation persons)", "",
               f"- VAE reconstruction error (mean |diff|, [0, 1]): {stage0.get('vae_val_error')}",
@@ -469,6 +474,12 @@ def demo(out: str | Path = "demo_out", quick: bool = False, seed: int = 0,
         command: The command line, for the report.
     """
     out = Path(out).resolve()
+    for needed in (REPO / "train.py", REPO / "configs" / "demo.yaml"):
+        if not needed.is_file():
+            raise FileNotFoundError(
+                f"pva demo runs train.py and configs/demo.yaml from a source checkout, and "
+                f"'{needed}' is missing: clone the repository and `pip install -e .` there"
+            )
     if only is not None and only not in STAGES:
         raise ValueError(f"--only must be one of {', '.join(STAGES)}, got {only!r}")
     if overwrite and out.exists():
