@@ -71,6 +71,7 @@ class _State:
     def __init__(self, out: Path, settings: dict) -> None:
         self.path = out / "demo.json"
         self.data = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        settings = json.loads(json.dumps(settings))  # as stored (tuples become lists)
         old = self.data.get("settings")
         if old is not None and old != settings:
             raise FileExistsError(
