@@ -11,8 +11,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,8 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from pva.fileio import atomic_dir
 
 SD2_INPAINT_HUB_ID = "stabilityai/stable-diffusion-2-inpainting"
 VAE_SCALING_FACTOR = 0.18215
@@ -125,9 +125,7 @@ class Backbone:
         path = Path(path)
         if path.exists() and any(path.iterdir()) and not overwrite:
             raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        with atomic_dir(path) as tmp:
             self.unet.save_pretrained(tmp / "unet")
             self.vae.save_pretrained(tmp / "vae")
             self.text_encoder.save_pretrained(tmp / "text_encoder")
@@ -145,12 +143,6 @@ class Backbone:
                 "requires_safety_checker": False,
             }
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-            if path.exists():
-                shutil.rmtree(path)
-            tmp.rename(path)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         return path
 
 

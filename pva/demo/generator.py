@@ -21,13 +21,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from pva.fileio import atomic_dir
 
 IRIS = {"brown": (105, 62, 30), "blue": (50, 110, 215), "green": (40, 160, 70),
         "grey": (150, 150, 160), "amber": (220, 150, 20), "violet": (150, 60, 200)}  # fmt: skip
@@ -344,9 +344,7 @@ def write_idi_tree(
         if p not in seen:
             seen.add(p)
             persons.append((index - 1, p))
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
+    with atomic_dir(root) as tmp:
         (tmp / "image").mkdir()
         (tmp / "annotation" / "dialog").mkdir(parents=True)
         ann: dict = {"train_ids": [], "val_ids": [], "test_ids": [], "id2image": {},
@@ -384,10 +382,4 @@ def write_idi_tree(
         truth = {"seed": seed, "hidden": {k: v[1] for k, v in HIDDEN.items()},
                  "choices": {k: list(v) for k, v in ATTRIBUTES.items()}, "persons": attributes}
         (tmp / "annotation" / "attributes.json").write_text(json.dumps(truth, indent=1))
-        if root.exists():
-            shutil.rmtree(root)
-        tmp.rename(root)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return ann

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import yaml
 
+from pva.fileio import atomic_path
+
 STAGES = ("data", "stage0", "stage1", "evaluate", "report")
 REPO = Path(__file__).resolve().parents[2]
 
@@ -86,9 +88,8 @@ class _State:
 
     def finish(self, stage: str, seconds: float, **extra) -> None:
         self.data["done"][stage] = {"seconds": round(seconds, 1), **extra}
-        tmp = self.path.with_name(".demo.json.tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        tmp.replace(self.path)
+        with atomic_path(self.path) as tmp:
+            tmp.write_text(json.dumps(self.data, indent=1))
 
 
 def _stage_data(out: Path, size: DemoSize, seed: int) -> dict:
@@ -450,11 +451,10 @@ def write_report(out: Path, size: DemoSize, seeds: list[int], state: dict) -> Pa
               f"pva demo --out {out} --only report    # this file",
               "```", "", f"TensorBoard: `tensorboard --logdir {out / 'logs'}`", ""]  # fmt: skip
     path = out / "report.md"
-    tmp = path.with_name(".report.md.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(path)
-    with open(out / "results.json", "w") as f:
-        json.dump({"table": table, "claims": [list(c) for c in claims]}, f, indent=1)
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines))
+    with atomic_path(out / "results.json") as tmp:
+        tmp.write_text(json.dumps({"table": table, "claims": [list(c) for c in claims]}, indent=1))
     return path
 
 
