@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import Tensor, nn
 
 from pva.attention import (
@@ -208,17 +209,32 @@ class PVAModel(nn.Module):
         dtype = next(self.identity_encoder.projection.parameters()).dtype
         return self.identity_encoder(references.to(self.device, dtype), reference_mask)
 
+    def encode_moments(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, 8, H/f, W/f) VAE posterior moments (mean, log-variance).
+
+        Deterministic; :meth:`sample_latents` draws the latents from them. Fine-tuning encodes a
+        photo's moments once and samples every step (:func:`pva.personalize.personalized`).
+        """
+        return self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist.parameters
+
+    def sample_latents(self, moments: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """(B, 8, h, w) posterior moments -> (B, 4, h, w) scaled latents, one draw."""
+        return DiagonalGaussianDistribution(moments).sample(generator) * self.scaling_factor
+
     def encode_latents(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """(B, 3, H, W) in [-1, 1] -> (B, 4, H/f, W/f) scaled VAE latents (sampled)."""
-        dist = self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist
-        return dist.sample(generator=generator) * self.scaling_factor
+        return self.sample_latents(self.encode_moments(images), generator)
 
     def decode_latents(self, latents: Tensor) -> Tensor:
         """(B, 4, h, w) scaled latents -> (B, 3, H, W) images in [-1, 1]."""
         return self.vae.decode(latents / self.scaling_factor).sample.clamp(-1, 1)
 
     def inpaint_conditioning(
-        self, images: Tensor, masks: Tensor, generator: torch.Generator | None = None
+        self,
+        images: Tensor,
+        masks: Tensor,
+        generator: torch.Generator | None = None,
+        masked_moments: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Mask and masked-image latent, the UNet's extra 5 input channels.
 
@@ -226,13 +242,17 @@ class PVAModel(nn.Module):
             images: (B, 3, H, W) in [-1, 1].
             masks: (B, 1, H, W), 1 = region to fill.
             generator: Randomness of the VAE sample.
+            masked_moments: (B, 8, h, w) :meth:`encode_moments` of the masked images, when the
+                caller already has them (the VAE encoder is then not run).
 
         Returns:
             ``(mask_latent (B, 1, h, w), masked_latent (B, 4, h, w))``.
         """
         masks = masks.to(self.device, images.dtype)
-        masked = images.to(self.device) * (masks < 0.5)  # (B, 3, H, W), hole = 0 (grey)
-        masked_latent = self.encode_latents(masked, generator)  # (B, 4, h, w)
+        if masked_moments is None:
+            masked = images.to(self.device) * (masks < 0.5)  # (B, 3, H, W), hole = 0 (grey)
+            masked_moments = self.encode_moments(masked)  # (B, 8, h, w)
+        masked_latent = self.sample_latents(masked_moments, generator)  # (B, 4, h, w)
         mask_latent = F.interpolate(masks, size=masked_latent.shape[-2:])  # (B, 1, h, w) nearest
         return mask_latent.to(masked_latent.dtype), masked_latent
 
@@ -281,10 +301,15 @@ class PVAModel(nn.Module):
         Args:
             batch: ``image`` (B, 3, H, W) in [-1, 1]; ``mask`` (B, 1, H, W), 1 = hole;
                 ``references`` (B, K, 3, h, w) in [-1, 1]; ``prompt`` list of B strings;
-                optional ``reference_mask`` (B, K) bool.
+                optional ``reference_mask`` (B, K) bool. Optional precomputed encodings of
+                frozen parts, used instead of running them: ``latent_moments`` and
+                ``masked_moments`` (B, 8, h, w), :meth:`encode_moments` of the images and of the
+                masked images (latents are still sampled from them here); ``identity_tokens``
+                (B, n_id, D), :meth:`encode_identity` of the references.
             timestep_draws: Stratified timesteps per image (4 in the paper).
             text_dropout: Probability of replacing a prompt by ``""`` (0 in the paper).
             identity_dropout: Probability of hiding a sample's identity tokens (0 in the paper).
+                At 1 the identity encoder is not run at all (Custom Diffusion's fine-tuning).
             generator: Optional randomness source for noise, timesteps and dropout.
 
         Returns:
@@ -293,15 +318,27 @@ class PVAModel(nn.Module):
         images, masks = batch["image"].to(self.device), batch["mask"].to(self.device)
         b, n = images.shape[0], timestep_draws
         with torch.no_grad():
-            latents = self.encode_latents(images, generator)  # (B, 4, h, w)
-            mask_latent, masked_latent = self.inpaint_conditioning(images, masks, generator)
+            moments = batch.get("latent_moments")
+            if moments is None:
+                moments = self.encode_moments(images)  # (B, 8, h, w)
+            latents = self.sample_latents(moments.to(self.device), generator)  # (B, 4, h, w)
+            masked_moments = batch.get("masked_moments")
+            mask_latent, masked_latent = self.inpaint_conditioning(
+                images, masks, generator,
+                None if masked_moments is None else masked_moments.to(self.device),
+            )  # fmt: skip
         prompts = list(batch["prompt"])
         keep_text = keep_mask(b, text_dropout, generator, self.device)
         if keep_text is not None:
             prompts = [p if k else "" for p, k in zip(prompts, keep_text.tolist())]
         text = self.encode_prompt(prompts)  # (B, 77, D)
-        ident = self.encode_identity(batch["references"], batch.get("reference_mask"))  # (B,n,D)
         keep_id = keep_mask(b, identity_dropout, generator, self.device)
+        if identity_dropout >= 1.0:  # every row drops its tokens: same as no tokens at all
+            ident, keep_id = None, None
+        elif "identity_tokens" in batch:
+            ident = batch["identity_tokens"].to(self.device)  # (B, n_id, D)
+        else:
+            ident = self.encode_identity(batch["references"], batch.get("reference_mask"))
 
         def rep(x: Tensor | None) -> Tensor | None:
             return None if x is None else x.repeat_interleave(n, dim=0)  # (B*n, ...)

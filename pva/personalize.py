@@ -75,6 +75,7 @@ def personalized(
     prior: Callable[[torch.Generator], dict] | None = None,
     prior_weight: float = 1.0,
     callback: Callable[[int], None] | None = None,
+    reuse_encodings: bool = True,
 ) -> Iterator[PersonalizeResult]:
     """Fine-tune on one person's photos for ``steps`` optimizer steps; restore on exit.
 
@@ -106,6 +107,11 @@ def personalized(
         prior_weight: Weight of the prior loss.
         callback: Called after every optimizer step with the number of steps done (1-based),
             with the model in its personalized state (e.g. to sample at intermediate steps).
+        reuse_encodings: Run the frozen encoders once per input instead of every step: the VAE
+            posterior of each photo and of its masked version (per flip; latents are still
+            drawn from it every step, so the loss is the same random variable) and the
+            identity tokens of each target's references (the identity encoder is frozen and in
+            eval mode here). ``False`` recomputes them every step.
 
     Yields:
         A :class:`PersonalizeResult`; ``state`` holds the personalized tensors.
@@ -142,25 +148,43 @@ def personalized(
 
                 iterator = tqdm(iterator, desc="personalize", unit="step", leave=False)
             size = images.shape[-1]
+            no_identity = 1.0 if variant == "custom-diffusion" else 0.0
+            moments: dict[tuple[int, bool], tuple[Tensor, Tensor]] = {}  # (t, flip) -> 2x (8,h,w)
+            tokens: dict[int, Tensor] = {}  # t -> (n_id, D)
             for step in iterator:
                 targets = [(step * batch_size + b) % n for b in range(batch_size)]
-                batch_images, batch_masks, batch_refs = [], [], []
+                batch_images, batch_masks, batch_refs, keys = [], [], [], []
                 for t in targets:
                     image, (x0, y0, x1, y1) = images[t], boxes[t]
-                    if torch.rand((), generator=flip_gen) < hflip_prob:
+                    flip = bool(torch.rand((), generator=flip_gen) < hflip_prob)
+                    if flip:
                         image, (x0, x1) = image.flip(-1), (size - x1, size - x0)
                     mask = torch.zeros(1, size, size)
                     mask[:, int(y0) : int(y1), int(x0) : int(x1)] = 1.0
                     batch_images.append(image)
                     batch_masks.append(mask)
                     batch_refs.append(references[[i for i in range(n) if i != t]])
+                    keys.append((t, flip))
                 batch = {
                     "image": torch.stack(batch_images),
                     "mask": torch.stack(batch_masks),
-                    "references": torch.stack(batch_refs),
+                    "references": torch.stack(batch_refs),  # (B, N-1, 3, R, R)
                     "prompt": [TEMPLATE.format(model.modifier_token.token)] * batch_size,
                 }
-                no_identity = 1.0 if variant == "custom-diffusion" else 0.0
+                with torch.no_grad():
+                    if reuse_encodings:
+                        for (t, flip), image, mask in zip(keys, batch_images, batch_masks):
+                            if (t, flip) not in moments:
+                                masked = (image * (mask < 0.5))[None]  # (1, 3, S, S)
+                                moments[t, flip] = (model.encode_moments(image[None])[0],
+                                                    model.encode_moments(masked)[0])  # fmt: skip
+                        batch["latent_moments"] = torch.stack([moments[k][0] for k in keys])
+                        batch["masked_moments"] = torch.stack([moments[k][1] for k in keys])
+                    if not no_identity:  # frozen encoder: no gradient, nothing to train there
+                        for t, refs in zip(targets, batch_refs):
+                            if t not in tokens or not reuse_encodings:
+                                tokens[t] = model.encode_identity(refs[None])[0]  # (n_id, D)
+                        batch["identity_tokens"] = torch.stack([tokens[t] for t in targets])
                 loss = model.training_loss(batch, timestep_draws, identity_dropout=no_identity,
                                            generator=gen)  # fmt: skip
                 if prior is not None:

@@ -211,3 +211,42 @@ def test_prior_preservation_adds_its_loss(make_model):
                           prior=p) as result:  # fmt: skip
             runs.append(result.losses)
     assert runs[0] != runs[1] and runs[1][0] > runs[0][0]
+
+
+@pytest.mark.parametrize("variant", ["pva", "custom-diffusion"])
+def test_reused_encodings_give_the_same_fine_tuning_with_fewer_encoder_runs(make_model, variant):
+    from conftest import make_batch
+
+    from pva.personalize import personalized
+
+    model = make_model()
+    batch = make_batch(batch_size=3, num_refs=1)
+    boxes = [(16, 16, 48, 48), (8, 12, 40, 56), (20, 4, 60, 44)]
+    calls = {"vae": 0, "identity": 0}
+    vae_encode, identity_forward = model.vae.encode, model.identity_encoder.forward
+
+    def count(key, fn):
+        def wrapped(*args, **kwargs):
+            calls[key] += 1
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    model.vae.encode = count("vae", vae_encode)
+    model.identity_encoder.forward = count("identity", identity_forward)
+    runs = {}
+    for reuse in (False, True):
+        calls.update(vae=0, identity=0)
+        with personalized(model, batch["image"], batch["image"], boxes, steps=8, batch_size=1,
+                          variant=variant, lr=1e-3, reuse_encodings=reuse) as result:  # fmt: skip
+            runs[reuse] = (result.losses, result.state, dict(calls))
+    (loss_a, state_a, calls_a), (loss_b, state_b, calls_b) = runs[False], runs[True]
+    assert loss_b == loss_a  # bit for bit: same encodings, same random draws
+    assert state_a.keys() == state_b.keys()
+    assert all(torch.equal(state_b[k], state_a[k]) for k in state_a)
+    assert calls_a["vae"] == 2 * 8  # image and masked image, every step
+    assert calls_b["vae"] <= 2 * 3 * 2  # once per photo and flip
+    expected_identity = (0, 0) if variant == "custom-diffusion" else (8, 3)
+    assert (calls_a["identity"], calls_b["identity"]) == expected_identity
+    # the frozen projection gets no gradient (restoring leaves it untouched)
+    assert all(p.grad is None for p in model.identity_encoder.projection.parameters())
