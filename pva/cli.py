@@ -81,7 +81,8 @@ def _evaluate(args: argparse.Namespace) -> None:
         edit_guidance=args.edit_guidance, steps=args.steps, eta=args.eta, ft_steps=args.ft_steps,
         cd_steps=args.cd_steps, edit=not args.no_edit, recognizer=args.recognizer,
         inception_weights=args.inception_weights, clip_weights=args.clip_weights,
-        paste_back=args.paste_back, max_persons=args.max_persons, shard_index=args.shard_index,
+        paste_back=args.paste_back, max_persons=args.max_persons,
+        persons=args.persons.split(",") if args.persons else None, shard_index=args.shard_index,
         num_shards=args.num_shards, batch_size=args.batch_size, seed=args.seed,
         prior_data=args.prior_data, prior_split=args.prior_split, prior_weight=args.prior_weight,
         cd_eval_steps=[int(k) for k in args.cd_eval_steps.split(",") if k.strip()],
@@ -352,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--paste-back", action="store_true", help="paste input pixels outside the mask (off)"
     )
     ev.add_argument("--max-persons", type=int, default=None, help="first N persons only")
+    ev.add_argument(
+        "--persons", default=None, help="comma list of person ids: evaluate only these, in order"
+    )
     ev.add_argument("--shard-index", type=int, default=0, help="this process's shard")
     ev.add_argument("--num-shards", type=int, default=1, help="processes sharing the persons")
     ev.add_argument("--batch-size", type=int, default=4, help="images per sampling call")

@@ -270,6 +270,7 @@ def evaluate(
     clip_weights: str | None = None,
     paste_back: bool = False,
     max_persons: int | None = None,
+    persons: Sequence[str] | None = None,
     shard_index: int = 0,
     num_shards: int = 1,
     batch_size: int = 4,
@@ -307,6 +308,8 @@ def evaluate(
         clip_weights: open-clip ViT-B/32 checkpoint for the editing CLIP score.
         paste_back: Paste input pixels outside the mask (off in the paper's protocol).
         max_persons: Evaluate only the first persons (quick runs).
+        persons: Evaluate only these person ids of ``split``, in this order (before
+            ``max_persons`` and sharding); an id not in the split is an error.
         shard_index: This process's shard of persons.
         num_shards: Number of processes sharing the persons.
         batch_size: Images per sampling call.
@@ -353,8 +356,16 @@ def evaluate(
         ev.prior = _prior_sampler(prior_data, prior_split, num_refs)
         ev.prior_weight = prior_weight
     timings: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    persons = list(stream._records(iter(stream.urls)))[: max_persons or None]
-    for k, rec in enumerate(tqdm(persons, desc="persons", unit="person")):
+    records = list(stream._records(iter(stream.urls)))
+    if persons is not None:
+        by_id = {rec.meta["person"]: rec for rec in records}
+        missing = [p for p in persons if p not in by_id]
+        if missing:
+            raise ValueError(f"--persons: {', '.join(missing)} not in the {split} split of "
+                             f"'{data}' (it has {', '.join(list(by_id)[:5])}, ...)")  # fmt: skip
+        records = [by_id[p] for p in dict.fromkeys(persons)]
+    records = records[: max_persons or None]
+    for k, rec in enumerate(tqdm(records, desc="persons", unit="person")):
         if k % num_shards != shard_index:
             continue
         samples = list(stream.person_eval_samples(rec))

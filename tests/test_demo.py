@@ -146,6 +146,12 @@ def test_quick_demo_runs_every_stage_and_reports(quick_demo):
         assert re.search(r"\| \d\.\d{3} ± \d\.\d{3} \|", row), row
     assert report.count("**holds**") + report.count("**does not hold**") == 4
     assert "python train.py fit --config" in report and "pva evaluate --data" in report
+    persons = {p.name for p in (out / "eval" / "seed0" / "_gt").iterdir()}
+    assert len(persons) == QUICK.eval_persons  # the seed's own test persons, named in the report
+    line = next(x for x in report.splitlines() if x.startswith("Test persons:"))
+    assert "seed 0: " in line and all(p in line for p in persons), line
+    command = next(x for x in report.splitlines() if x.startswith("pva evaluate --data"))
+    assert set(command.split("--persons ")[1].split()[0].split(",")) == persons
     results = json.loads((out / "results.json").read_text())
     # paste-back: every method leaves every pixel outside the mask as it was
     for method in method_rows(QUICK):

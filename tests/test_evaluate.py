@@ -161,6 +161,20 @@ def test_tiny_evaluation_is_complete_resumable_and_shardable(eval_setup, tmp_pat
     assert on_disk["methods"]["pva"]["wholeface"]["outside_error"][0] > 0
 
 
+def test_persons_selects_and_orders_persons_and_names_unknown_ones(eval_setup, tmp_path):
+    from datamodules.shards import ShardDataModule
+
+    ids = [r.meta["person"] for r in ShardDataModule(str(eval_setup["shards"]),
+                                                     num_workers=0).records("test")]  # fmt: skip
+    kw = dict(methods=("sd-inpaint",), steps=1, num_refs=2, edit=False,
+              adapter=str(eval_setup["adapter"]))  # fmt: skip
+    evaluate(str(eval_setup["shards"]), str(tmp_path / "one"), persons=[ids[2], ids[0]],
+             max_persons=1, **kw)  # fmt: skip
+    assert {p.name for p in (tmp_path / "one" / "_gt").iterdir()} == {ids[2]}
+    with pytest.raises(ValueError, match="--persons: nobody not in the test split"):
+        evaluate(str(eval_setup["shards"]), str(tmp_path / "none"), persons=["nobody"], **kw)
+
+
 def test_personalized_methods_run_and_unknown_methods_fail(eval_setup, tmp_path):
     with pytest.raises(ValueError, match="unknown methods"):
         evaluate(str(eval_setup["shards"]), str(tmp_path), methods=("dreambooth",))

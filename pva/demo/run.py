@@ -48,6 +48,7 @@ class DemoSize:
     recognizer_steps: int
     stage1_steps: int
     eval_persons: int
+    """Test persons per evaluation seed (each seed its own; see :func:`seed_persons`)."""
     seeds: int
     ddim_steps: int
     ft_steps: int
@@ -56,7 +57,7 @@ class DemoSize:
 
 
 FULL = DemoSize(persons=300, infer_per_person=2, vae_steps=1000, unet_steps=1300,
-                recognizer_steps=150, stage1_steps=1200, eval_persons=4, seeds=3, ddim_steps=25,
+                recognizer_steps=150, stage1_steps=1200, eval_persons=2, seeds=3, ddim_steps=25,
                 ft_steps=40, cd_steps=1000, cd_eval_steps=(40, 100, 300))  # fmt: skip
 """The full run: the paper's step counts for personalization (40) and Custom Diffusion (1000)."""
 QUICK = DemoSize(persons=60, infer_per_person=1, vae_steps=60, unet_steps=60,
@@ -117,8 +118,11 @@ def _stage0(out: Path, size: DemoSize, seed: int) -> dict:
         vae_error = float((rec - x).abs().mean() / 2)
     backbone = stage0.train_backbone(vae, train, steps=size.unet_steps, seed=seed)
     backbone.save_pretrained(models / "backbone", overwrite=True)
-    cond = stage0.train_recognizer(train.faces, train.labels, steps=size.recognizer_steps,
-                                   seed=seed, desc="stage 0: conditioning recognizer")  # fmt: skip
+    # 4 channels in its 112 px stem: it runs on every reference of every stage-1 step, where
+    # the default 8 made it 40% of the step (BENCHMARKS.md)
+    cond = stage0.train_recognizer(train.faces, train.labels, widths=(4, 16, 32, 64),
+                                   steps=size.recognizer_steps, seed=seed,
+                                   desc="stage 0: conditioning recognizer")  # fmt: skip
     save_iresnet(cond, models / "face_cond.pth")
     score_train = stage0.score_view(train)
     scorer = stage0.train_recognizer(
@@ -185,7 +189,24 @@ def ft_learning_rate() -> float:
     return 10.0 * float(cfg["model"]["lr_pva"])
 
 
-def _eval_kwargs(out: Path, size: DemoSize, seed: int) -> dict:
+def seed_persons(out: Path, size: DemoSize, seeds: list[int]) -> dict[int, list[str]]:
+    """Each evaluation seed's own ``size.eval_persons`` test persons (consecutive, in shard order).
+
+    Seed ``k``-th gets persons ``k * P .. (k + 1) * P - 1``, so the spread over seeds includes
+    the person-to-person variation, not only sampling noise.
+    """
+    from datamodules.shards import ShardDataModule
+
+    records = ShardDataModule(str(out / "shards"), num_workers=0).records("test")
+    ids = [rec.meta["person"] for rec in records]
+    p = size.eval_persons
+    if len(ids) < p * len(seeds):
+        raise ValueError(f"{len(seeds)} seeds x {p} test persons need {p * len(seeds)} test "
+                         f"persons; '{out / 'shards'}' has {len(ids)}")  # fmt: skip
+    return {s: ids[k * p : (k + 1) * p] for k, s in enumerate(seeds)}
+
+
+def _eval_kwargs(out: Path, size: DemoSize, seed: int, persons: list[str]) -> dict:
     return {
         "data": str(out / "shards"),
         "out": str(out / "eval" / f"seed{seed}"),
@@ -199,7 +220,7 @@ def _eval_kwargs(out: Path, size: DemoSize, seed: int) -> dict:
         "ft_lr": ft_learning_rate(),
         "edit": False,
         "paste_back": True,
-        "max_persons": size.eval_persons,
+        "persons": persons,
         "seed": seed,
     }
 
@@ -211,7 +232,7 @@ def _eval_command(kw: dict) -> str:
         f"--ft-steps {kw['ft_steps']} --cd-steps {kw['cd_steps']} "
         f"--cd-eval-steps {','.join(map(str, kw['cd_eval_steps']))} --ft-lr {kw['ft_lr']:g} "
         f"--no-edit --paste-back "
-        f"--max-persons {kw['max_persons']} --seed {kw['seed']}"
+        f"--persons {','.join(kw['persons'])} --seed {kw['seed']}"
     )
 
 
@@ -222,8 +243,9 @@ def _stage_evaluate(out: Path, size: DemoSize, seeds: list[int], workers: int) -
     from pva.evaluate import evaluate
 
     commands = []
+    persons = seed_persons(out, size, seeds)
     for s in seeds:
-        kw = _eval_kwargs(out, size, s)
+        kw = _eval_kwargs(out, size, s, persons[s])
         command = _eval_command(kw)
         print(f"evaluate, seed {s}: {command}", flush=True)
         if workers > 1:
@@ -382,11 +404,14 @@ def write_report(out: Path, size: DemoSize, seeds: list[int], state: dict) -> Pa
     done = state["done"]
     settings = state["settings"]
     n = len(seeds)
+    persons = seed_persons(out, size, seeds)
     lines = [
         "# `pva demo`: PVA in miniature", "",
         f"Run: `{state['command']}` ({'quick' if settings['quick'] else 'full'}; seed "
         f"{settings['seed']}; evaluation seeds {', '.join(map(str, seeds))}).",
-        f"Test persons evaluated: {size.eval_persons}, each target under 4 masks (lowerface, "
+        f"Test persons: each seed evaluates its own {size.eval_persons} "
+        f"({'; '.join(f'seed {s}: ' + ', '.join(p) for s, p in persons.items())}), "
+        f"{len(seeds) * size.eval_persons} in all; each target under 4 masks (lowerface, "
         f"eyebrow, wholeface, random); DDIM {size.ddim_steps} steps, eta 1, guidance 6, "
         f"paste-back on. Identity: cosine similarity to the ground truth under the scoring "
         f"recognizer (`models/face_score.pth`), never the conditioning one.", "",
@@ -422,9 +447,10 @@ def write_report(out: Path, size: DemoSize, seeds: list[int], state: dict) -> Pa
                      "pipeline runs end to end, and its numbers are not evidence either way.")
     lines += ["", "What this is and is not: the stand-ins are minutes old, so every fill is blurry "
               "and colour-shifted (see the VAE error below and the grid); the table compares "
-              "methods on the same frozen stand-ins and the same test persons, not image "
-              "quality. The seeds vary sampling and fine-tuning noise; the data, stage 0 and "
-              "stage 1 are trained once (`--seed`)."]  # fmt: skip
+              "methods on the same frozen stand-ins and, within a seed, the same test "
+              "persons, not image quality. The seeds vary the test persons, sampling and "
+              "fine-tuning noise; the data, stage 0 and stage 1 are trained once "
+              "(`--seed`)."]  # fmt: skip
     stage0 = done.get("stage0", {})
     lines += ["", "## Stage 0 stand-ins (validation persons)", "",
               f"- VAE reconstruction error (mean |diff|, [0, 1]): {stage0.get('vae_val_error')}",
