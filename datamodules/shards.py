@@ -192,8 +192,10 @@ class PersonStream(IterableDataset):
         image = decode_jpeg(person.img[t])  # (3, S, S)
         boxes = entry["boxes"]
         landmarks = torch.tensor(entry["landmarks"], dtype=torch.float32)  # (68, 2)
+        flipped = False
         if mask_kind is None:  # training
             if rng.random() < self.hflip_prob:
+                flipped = True
                 image = image.flip(-1)
                 boxes = {k: flip_box(b, size) for k, b in boxes.items()}
                 landmarks[:, 0] = size - landmarks[:, 0]
@@ -211,6 +213,9 @@ class PersonStream(IterableDataset):
             "mask": mask,
             "masked_image": image * (mask < 0.5),
             "references": [self._reference(person, i) for i in refs],
+            # what identifies the pixels (for PVAModule's cache_encodings): record, photo, flip
+            "image_key": f"{person.key}/{t}" + ("/flip" if flipped else ""),
+            "reference_keys": [f"{person.key}/{i}" for i in refs],
             "prompt": prompt,
             "person": person.meta["person"],
             "file": entry["file"],
@@ -280,12 +285,13 @@ class PersonStream(IterableDataset):
             k = rng.randint(self.min_refs, self.max_refs)
         else:
             k = max(len(s["references"]) for s in samples)
-        ref_lists = []
+        ref_lists, key_lists = [], []
         for s in samples:
-            refs = s["references"][:k]
+            refs, keys = s["references"][:k], s["reference_keys"][:k]
             if self.train and refs and rng.random() < self.flip_ref_prob:
-                refs = refs + [refs[-1].flip(-1)]
+                refs, keys = refs + [refs[-1].flip(-1)], keys + [keys[-1] + "/flip"]
             ref_lists.append(refs)
+            key_lists.append(keys)
         width = max(1, max(len(r) for r in ref_lists))
         shape = samples[0]["references"][0].shape if samples[0]["references"] else (3, 112, 112)
         references = torch.zeros(len(samples), width, *shape)
@@ -299,6 +305,8 @@ class PersonStream(IterableDataset):
             references=references,
             reference_mask=reference_mask,
             prompt=[s["prompt"] for s in samples],
+            image_key=[s["image_key"] for s in samples],
+            reference_keys=[keys + [""] * (width - len(keys)) for keys in key_lists],  # (B, K)
             person=[s["person"] for s in samples],
             file=[s["file"] for s in samples],
             mask_region=[s["mask_region"] for s in samples],

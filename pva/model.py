@@ -305,7 +305,9 @@ class PVAModel(nn.Module):
                 frozen parts, used instead of running them: ``latent_moments`` and
                 ``masked_moments`` (B, 8, h, w), :meth:`encode_moments` of the images and of the
                 masked images (latents are still sampled from them here); ``identity_tokens``
-                (B, n_id, D), :meth:`encode_identity` of the references.
+                (B, n_id, D), :meth:`encode_identity` of the references; or
+                ``reference_embeddings`` (B, K, E), the frozen face backbone's embeddings of the
+                references (only the projection runs).
             timestep_draws: Stratified timesteps per image (4 in the paper).
             text_dropout: Probability of replacing a prompt by ``""`` (0 in the paper).
             identity_dropout: Probability of hiding a sample's identity tokens (0 in the paper).
@@ -321,12 +323,14 @@ class PVAModel(nn.Module):
             moments = batch.get("latent_moments")
             if moments is None:
                 moments = self.encode_moments(images)  # (B, 8, h, w)
-            latents = self.sample_latents(moments.to(self.device), generator)  # (B, 4, h, w)
+            moments = moments.to(self.device, self.vae.dtype)
+            latents = self.sample_latents(moments, generator)  # (B, 4, h, w)
             masked_moments = batch.get("masked_moments")
+            if masked_moments is not None:
+                masked_moments = masked_moments.to(self.device, self.vae.dtype)
             mask_latent, masked_latent = self.inpaint_conditioning(
-                images, masks, generator,
-                None if masked_moments is None else masked_moments.to(self.device),
-            )  # fmt: skip
+                images, masks, generator, masked_moments
+            )
         prompts = list(batch["prompt"])
         keep_text = keep_mask(b, text_dropout, generator, self.device)
         if keep_text is not None:
@@ -337,6 +341,11 @@ class PVAModel(nn.Module):
             ident, keep_id = None, None
         elif "identity_tokens" in batch:
             ident = batch["identity_tokens"].to(self.device)  # (B, n_id, D)
+        elif "reference_embeddings" in batch:
+            projection = self.identity_encoder.projection
+            emb = batch["reference_embeddings"].to(self.device, next(projection.parameters()).dtype)
+            mask = batch.get("reference_mask")
+            ident = projection(emb, None if mask is None else mask.to(self.device))  # (B, n_id, D)
         else:
             ident = self.encode_identity(batch["references"], batch.get("reference_mask"))
 

@@ -225,3 +225,5 @@ def test_bench_sample_prints_both_tables():
         "Custom-Diffusion-style",
     ):
         assert needle in res.stdout
+    rows = [line for line in res.stdout.splitlines() if "PVA-FT" in line or "Custom-Diff" in line]
+    assert len(rows) == 4 and sum("reused" in r for r in rows) == 2  # each method, both ways

@@ -252,3 +252,47 @@ def test_help_documents_every_option():
     for needle in ("--model.lr_pva", "total batch", "--model.pva.variant", "joint softmax",
                    "--model.nonfinite", "--trainer.max_steps"):  # fmt: skip
         assert needle in text, needle
+
+
+def test_cache_encodings_matches_the_encoders_and_skips_them_once_cached(tiny_assets, train_shards):
+    dm = ShardDataModule(str(train_shards), batch_size=3, samples_per_epoch=36, num_workers=0,
+                         flip_ref_prob=1.0)  # fmt: skip
+    batches = list(dm.train_dataloader())  # 12 batches: photos and flips recur
+    module = PVAModule(str(tiny_assets.backbone), str(tiny_assets.face_model),
+                       pva=tiny_pva_config(), timestep_draws=2, cache_encodings=True)  # fmt: skip
+    module.configure_model()
+    model = module.model.train()
+    calls = {"vae": 0, "face": 0}
+    vae_encode, face_forward = model.vae.encode, model.identity_encoder.backbone.forward
+
+    def counted(key, fn):
+        def wrapped(*args, **kwargs):
+            calls[key] += 1
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    model.vae.encode = counted("vae", vae_encode)
+    model.identity_encoder.backbone.forward = counted("face", face_forward)
+    for batch in batches:
+        cached = module.with_cached_encodings(batch)  # encodes what it lacks, then looks up
+        with torch.no_grad():
+            moments = model.encode_moments(batch["image"])  # (B, 8, h, w)
+            emb = model.identity_encoder.embed(batch["references"])  # (B, K, E)
+        valid = batch["reference_mask"]
+        torch.testing.assert_close(cached["latent_moments"], moments, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(cached["reference_embeddings"][valid], emb[valid],
+                                   rtol=1e-4, atol=1e-5)  # fmt: skip
+        torch.manual_seed(1)
+        expected = model.training_loss(batch, 2)
+        torch.manual_seed(1)
+        got = model.training_loss(cached, 2)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    keys = {k for b in batches for k in b["image_key"]}
+    assert any(k.endswith("/flip") for k in keys) and len(module._moments) == len(keys)
+    calls.update(vae=0, face=0)
+    for batch in batches:  # everything is cached now: only the masked images are encoded
+        model.training_loss(module.with_cached_encodings(batch), 2)
+    assert calls == {"vae": len(batches), "face": 0}
+    with pytest.raises(ValueError, match="frozen face backbone"):
+        PVAModule("b", "f", pva=tiny_pva_config(train_face_backbone=True), cache_encodings=True)

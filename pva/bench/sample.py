@@ -4,8 +4,10 @@
    branches, identity tokens in the conditional rows) vs diffusers'
    ``StableDiffusionInpaintPipeline`` on the same backbone weights. Per-step cost is the slope
    between a short and a long run, so fixed costs (encoders, VAE) cancel.
-2. Seconds for 40 PVA-FT steps (METHOD 7) vs ``cd_steps`` steps of a Custom-Diffusion-style
-   fine-tune (cross-attention K/V + the token, no identity pathway), both measured in full.
+2. Seconds for 40 PVA-FT steps (METHOD 7) vs ``cd_steps`` steps of the Custom-Diffusion-style
+   fine-tune (cross-attention K/V + the token, no identity pathway), both through
+   :func:`pva.personalize.personalized` and measured in full, each with the frozen encoders'
+   outputs reused (the default) and recomputed every step.
 """
 
 from __future__ import annotations
@@ -27,44 +29,6 @@ def _seconds(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
-
-
-def custom_diffusion_steps(model: PVAModel, images: torch.Tensor, boxes, steps: int) -> float:
-    """Seconds for ``steps`` Custom-Diffusion-style steps (attn2 K/V + token, no identity)."""
-    named = dict(model.named_parameters())
-    kv = [p for k, p in named.items() if ".attn2.to_k." in k or ".attn2.to_v." in k]
-    saved = [(p, p.detach().clone()) for p in kv]
-    for p in kv:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW([{"params": kv, "lr": 1e-5},
-                             {"params": [model.modifier_token.embedding], "lr": 1e-3}])  # fmt: skip
-    n, size = images.shape[0], images.shape[-1]
-    g = torch.Generator().manual_seed(0)
-    t0 = time.perf_counter()
-    for step in range(steps):
-        t = step % n
-        x0, y0, x1, y1 = boxes[t]
-        mask = torch.zeros(1, 1, size, size)
-        mask[..., y0:y1, x0:x1] = 1
-        with torch.no_grad():
-            lat = model.encode_latents(images[t : t + 1], g)
-            mask_lat, masked_lat = model.inpaint_conditioning(images[t : t + 1], mask, g)
-        text = model.encode_prompt([TEMPLATE.format("<new1>")])
-        ts = torch.randint(0, 1000, (1,), generator=g)
-        noise = torch.randn(lat.shape, generator=g)
-        pred = model.predict_noise(model.scheduler.add_noise(lat, noise, ts), ts, mask_lat,
-                                   masked_lat, text)  # fmt: skip
-        loss = torch.nn.functional.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    seconds = time.perf_counter() - t0
-    with torch.no_grad():
-        for p, value in saved:
-            p.copy_(value)
-            p.requires_grad_(False)
-            p.grad = None
-    return seconds
 
 
 def bench_sample(steps: tuple[int, int] = (5, 25), cd_steps: int = 1000, guidance: float = 6.0):
@@ -119,13 +83,26 @@ def bench_sample(steps: tuple[int, int] = (5, 25), cd_steps: int = 1000, guidanc
     images = torch.rand(5, 3, size, size, generator=g) * 2 - 1
     boxes = [(16, 16, 48, 48)] * 5
     references = torch.rand(5, 3, 112, 112, generator=g) * 2 - 1
-    t0 = time.perf_counter()
-    with personalized(pva, images, references, boxes, steps=40) as result:
-        pva_seconds = time.perf_counter() - t0
-    cd_seconds = custom_diffusion_steps(pva, images, boxes, cd_steps)
-    print(f"\n  {'personalization':<44}{'steps':>8}{'seconds':>10}{'ratio':>8}")
-    print(f"  {'PVA-FT (METHOD 7)':<44}{40:8d}{pva_seconds:10.1f}{1.0:8.2f}")
-    print(f"  {'Custom-Diffusion-style (attn2 K/V + token)':<44}{cd_steps:8d}{cd_seconds:10.1f}"
-          f"{cd_seconds / pva_seconds:8.2f}")  # fmt: skip
-    return {"ms_per_step": {k: v * 1e3 for k, v in per.items()}, "pva_ft_s": pva_seconds,
-            "cd_s": cd_seconds, "pva_ft_losses": result.losses}  # fmt: skip
+    runs: dict[tuple[str, bool], float] = {}
+    losses: list[float] = []
+    for variant, n in (("pva", 40), ("custom-diffusion", cd_steps)):
+        for reuse in (True, False):
+            t0 = time.perf_counter()
+            with personalized(pva, images, references, boxes, steps=n, variant=variant,
+                              reuse_encodings=reuse) as result:  # fmt: skip
+                runs[variant, reuse] = time.perf_counter() - t0
+            if variant == "pva" and reuse:
+                losses = result.losses
+    base = runs["pva", True]
+    print(f"\n  {'personalization':<44}{'encoders':>10}{'steps':>7}{'seconds':>9}"
+          f"{'ms/step':>9}{'ratio':>8}")  # fmt: skip
+    names = {"pva": "PVA-FT (METHOD 7)",
+             "custom-diffusion": "Custom-Diffusion-style (attn2 K/V + token)"}
+    for (variant, reuse), sec in runs.items():
+        n = 40 if variant == "pva" else cd_steps
+        print(f"  {names[variant]:<44}{'reused' if reuse else 'per step':>10}{n:7d}{sec:9.1f}"
+              f"{sec / n * 1e3:9.1f}{sec / base:8.2f}")  # fmt: skip
+    return {"ms_per_step": {k: v * 1e3 for k, v in per.items()}, "pva_ft_s": base,
+            "cd_s": runs["custom-diffusion", True], "pva_ft_losses": losses,
+            "personalization_s": {f"{v}/{'reused' if r else 'per step'}": sec
+                                  for (v, r), sec in runs.items()}}  # fmt: skip

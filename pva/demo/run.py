@@ -118,11 +118,8 @@ def _stage0(out: Path, size: DemoSize, seed: int) -> dict:
         vae_error = float((rec - x).abs().mean() / 2)
     backbone = stage0.train_backbone(vae, train, steps=size.unet_steps, seed=seed)
     backbone.save_pretrained(models / "backbone", overwrite=True)
-    # 4 channels in its 112 px stem: it runs on every reference of every stage-1 step, where
-    # the default 8 made it 40% of the step (BENCHMARKS.md)
-    cond = stage0.train_recognizer(train.faces, train.labels, widths=(4, 16, 32, 64),
-                                   steps=size.recognizer_steps, seed=seed,
-                                   desc="stage 0: conditioning recognizer")  # fmt: skip
+    cond = stage0.train_recognizer(train.faces, train.labels, steps=size.recognizer_steps,
+                                   seed=seed, desc="stage 0: conditioning recognizer")  # fmt: skip
     save_iresnet(cond, models / "face_cond.pth")
     score_train = stage0.score_view(train)
     scorer = stage0.train_recognizer(
