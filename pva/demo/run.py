@@ -56,8 +56,8 @@ class DemoSize:
     cd_eval_steps: tuple[int, ...] = field(default=())
 
 
-FULL = DemoSize(persons=300, infer_per_person=2, vae_steps=850, unet_steps=1100,
-                recognizer_steps=100, stage1_steps=1200, eval_persons=2, seeds=3, ddim_steps=25,
+FULL = DemoSize(persons=300, infer_per_person=2, vae_steps=1000, unet_steps=1300,
+                recognizer_steps=150, stage1_steps=1200, eval_persons=2, seeds=3, ddim_steps=25,
                 ft_steps=40, cd_steps=1000, cd_eval_steps=(40, 100, 300))  # fmt: skip
 """The full run: the paper's step counts for personalization (40) and Custom Diffusion (1000)."""
 QUICK = DemoSize(persons=60, infer_per_person=1, vae_steps=60, unet_steps=60,
@@ -152,7 +152,7 @@ def _stage1_config(out: Path, size: DemoSize, seed: int) -> Path:
             args["every_n_train_steps"] = max(1, size.stage1_steps // 2)
         elif name == "IdentityValidation":
             args["recognizer"] = str(out / "models" / "face_score.pth")
-            args["every_n_steps"] = max(1, size.stage1_steps // 2)  # and at the end
+            args["every_n_steps"] = max(1, size.stage1_steps // 3)  # and at the end
         elif name == "AdapterExport":
             args["dirpath"] = str(out)
     cfg["model"]["backbone"] = str(out / "models" / "backbone")
