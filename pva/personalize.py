@@ -148,7 +148,7 @@ def personalized(
 
                 iterator = tqdm(iterator, desc="personalize", unit="step", leave=False)
             size = images.shape[-1]
-            no_identity = 1.0 if variant == "custom-diffusion" else 0.0
+            no_identity = variant == "custom-diffusion"  # trains without identity tokens
             moments: dict[tuple[int, bool], tuple[Tensor, Tensor]] = {}  # (t, flip) -> 2x (8,h,w)
             tokens: dict[int, Tensor] = {}  # t -> (n_id, D)
             for step in iterator:
@@ -185,7 +185,8 @@ def personalized(
                             if t not in tokens or not reuse_encodings:
                                 tokens[t] = model.encode_identity(refs[None])[0]  # (n_id, D)
                         batch["identity_tokens"] = torch.stack([tokens[t] for t in targets])
-                loss = model.training_loss(batch, timestep_draws, identity_dropout=no_identity,
+                loss = model.training_loss(batch, timestep_draws,
+                                           identity_dropout=float(no_identity),
                                            generator=gen)  # fmt: skip
                 if prior is not None:
                     prior_batch = prior(flip_gen)

@@ -36,6 +36,17 @@ def make_model(tiny_assets):
     return make
 
 
+def count_calls(calls: dict[str, int], key: str, obj: object, name: str) -> None:
+    """Wrap ``obj.<name>`` so that every call adds 1 to ``calls[key]`` (to count encoder runs)."""
+    fn = getattr(obj, name)
+
+    def wrapped(*args, **kwargs):
+        calls[key] += 1
+        return fn(*args, **kwargs)
+
+    setattr(obj, name, wrapped)
+
+
 def make_batch(batch_size: int = 2, num_refs: int = 3, size: int = 64, seed: int = 0) -> dict:
     """A deterministic random training batch in the format PVAModel.training_loss takes."""
     g = torch.Generator().manual_seed(seed)

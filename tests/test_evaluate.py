@@ -229,7 +229,7 @@ def test_prior_preservation_adds_its_loss(make_model):
 
 @pytest.mark.parametrize("variant", ["pva", "custom-diffusion"])
 def test_reused_encodings_give_the_same_fine_tuning_with_fewer_encoder_runs(make_model, variant):
-    from conftest import make_batch
+    from conftest import count_calls, make_batch
 
     from pva.personalize import personalized
 
@@ -237,17 +237,8 @@ def test_reused_encodings_give_the_same_fine_tuning_with_fewer_encoder_runs(make
     batch = make_batch(batch_size=3, num_refs=1)
     boxes = [(16, 16, 48, 48), (8, 12, 40, 56), (20, 4, 60, 44)]
     calls = {"vae": 0, "identity": 0}
-    vae_encode, identity_forward = model.vae.encode, model.identity_encoder.forward
-
-    def count(key, fn):
-        def wrapped(*args, **kwargs):
-            calls[key] += 1
-            return fn(*args, **kwargs)
-
-        return wrapped
-
-    model.vae.encode = count("vae", vae_encode)
-    model.identity_encoder.forward = count("identity", identity_forward)
+    count_calls(calls, "vae", model.vae, "encode")
+    count_calls(calls, "identity", model.identity_encoder, "forward")
     runs = {}
     for reuse in (False, True):
         calls.update(vae=0, identity=0)

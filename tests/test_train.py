@@ -16,7 +16,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from conftest import FACES, REPO
+from conftest import FACES, REPO, count_calls
 from data_fixtures import _shrink
 
 from callbacks import PersonalizationCheck
@@ -263,17 +263,8 @@ def test_cache_encodings_matches_the_encoders_and_skips_them_once_cached(tiny_as
     module.configure_model()
     model = module.model.train()
     calls = {"vae": 0, "face": 0}
-    vae_encode, face_forward = model.vae.encode, model.identity_encoder.backbone.forward
-
-    def counted(key, fn):
-        def wrapped(*args, **kwargs):
-            calls[key] += 1
-            return fn(*args, **kwargs)
-
-        return wrapped
-
-    model.vae.encode = counted("vae", vae_encode)
-    model.identity_encoder.backbone.forward = counted("face", face_forward)
+    count_calls(calls, "vae", model.vae, "encode")
+    count_calls(calls, "face", model.identity_encoder.backbone, "forward")
     for batch in batches:
         cached = module.with_cached_encodings(batch)  # encodes what it lacks, then looks up
         with torch.no_grad():
