@@ -19,6 +19,7 @@ from torch import Tensor
 
 from pva.adapter import load_adapter, save_adapter
 from pva.model import PVAConfig, PVAModel
+from pva.objective import fused_adam_ok
 
 DEFAULT_PVA = PVAConfig()
 """The paper's architecture (frozen; each module takes a private copy)."""
@@ -130,7 +131,8 @@ class PVAModule(L.LightningModule):
         param_groups = [
             {"params": params, "lr": lrs[name], "name": name} for name, params in groups.items()
         ]
-        return torch.optim.AdamW(param_groups, weight_decay=hp.weight_decay)
+        return torch.optim.AdamW(param_groups, weight_decay=hp.weight_decay,
+                                 fused=fused_adam_ok(param_groups))  # fmt: skip
 
     def on_train_start(self) -> None:
         """Log the effective learning rates once (the PVA one depends on the world size)."""

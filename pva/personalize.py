@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from pva.attention import identity_processors
 from pva.model import TEMPLATE, PVAModel
+from pva.objective import fused_adam_ok
 
 FTVariant = Literal["pva", "crossqkv", "custom-diffusion"]
 
@@ -138,7 +139,7 @@ def personalized(
             opt = torch.optim.AdamW(
                 [{"params": [p for _, p in groups["attention"]], "lr": lr * batch_size},
                  {"params": [p for _, p in groups["token"]], "lr": token_lr}],
-                weight_decay=1e-2,
+                weight_decay=1e-2, fused=fused_adam_ok(params),
             )  # fmt: skip
             model.eval()  # the projection's dropout off; only attention weights and token train
             t0 = time.perf_counter()

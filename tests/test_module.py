@@ -9,6 +9,7 @@ from test_training import FixedBatches
 from torch.utils.data import DataLoader
 
 from pva.module import PVAModule
+from pva.objective import fused_adam_ok
 from pva.tiny import tiny_pva_config
 
 
@@ -34,6 +35,14 @@ def _trainer(tmp_path, steps, **kw):
     )
 
 
+def test_fused_adam_only_where_the_kernel_applies():
+    cpu = torch.nn.Parameter(torch.zeros(3))
+    assert fused_adam_ok([cpu]) and fused_adam_ok([{"params": [cpu]}])
+    assert not fused_adam_ok([cpu, torch.zeros(3, device="meta")])
+    assert not fused_adam_ok([{"params": [torch.zeros(3, dtype=torch.long)]}])
+    assert not fused_adam_ok([])
+
+
 def test_construction_builds_nothing(tmp_path):
     module = PVAModule(str(tmp_path / "does-not-exist"), str(tmp_path / "nope.pth"))
     assert module.model is None  # heavy models are built in configure_model
@@ -53,6 +62,7 @@ def test_checkpoint_holds_only_adapter_weights_and_resumes(tiny_assets, tmp_path
     size = sum(v.numel() for v in ckpt["state_dict"].values())
     assert size < 0.05 * sum(v.numel() for v in module.model.state_dict().values())
     assert len(ckpt["optimizer_states"][0]["state"]) > 0
+    assert trainer.optimizers[0].defaults["fused"]  # CPU parameters: the fused AdamW kernel
 
     resumed = _module(tiny_assets)
     trainer2 = _trainer(tmp_path / "r", 3)

@@ -123,7 +123,7 @@ def train_vae(images: Tensor, steps: int = 1000, batch_size: int = 32, crop: int
     for p in vae.parameters():
         p.requires_grad_(True)
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(vae.parameters(), lr=lr)
+    opt = torch.optim.Adam(vae.parameters(), lr=lr, fused=True)
     n, size = images.shape[0], images.shape[-1]
     for step in _steps(steps, "stage 0: VAE", progress):
         _constant_then_decay(opt, lr, step, steps)
@@ -184,7 +184,7 @@ def train_backbone(vae: AutoencoderKL, photos: PhotoSet, steps: int = 1300, batc
         p.requires_grad_(True)
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2, fused=True)
     n, size = photos.images.shape[0], photos.images.shape[-1]
     with torch.no_grad():
         latents = torch.cat([vae.encode(photos.images[i : i + 64]).latent_dist.mean
@@ -265,7 +265,8 @@ def train_recognizer(faces: Tensor, labels: Tensor, layers: tuple[int, ...] = (1
     model = IResNet(layers, widths, num_features).train()
     classes = int(labels.max()) + 1
     head = nn.Parameter(torch.randn(classes, num_features) * 0.01)
-    opt = torch.optim.AdamW([*model.parameters(), head], lr=lr, weight_decay=5e-4)
+    opt = torch.optim.AdamW([*model.parameters(), head], lr=lr, weight_decay=5e-4,
+                            fused=True)  # fmt: skip
     gen = torch.Generator().manual_seed(seed)
     n = faces.shape[0]
     for step in _steps(steps, desc, progress):
