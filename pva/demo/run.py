@@ -233,33 +233,44 @@ def _eval_command(kw: dict) -> str:
     )
 
 
+def _eval_shard(kw: dict, shard: int, shards: int) -> None:
+    """One evaluation worker's share of a seed's persons, on one thread (a forked process)."""
+    from pva.evaluate import evaluate
+
+    torch.set_num_threads(1)
+    evaluate(**kw, shard_index=shard, num_shards=shards)
+
+
 def _stage_evaluate(out: Path, size: DemoSize, seeds: list[int], workers: int) -> dict:
-    """``pva evaluate`` per seed; persons dealt to ``workers`` processes (one thread each)."""
-    import os
+    """``pva evaluate`` per seed; persons dealt to ``workers`` processes (one thread each).
+
+    The workers are forked from this process (imports already done: a fresh ``pva evaluate``
+    spends ~8 s importing torch and diffusers) and run every seed's shares; each seed is then
+    scored here. The report gives the equivalent ``pva evaluate`` commands.
+    """
+    import multiprocessing
 
     from pva.evaluate import evaluate
 
-    commands = []
     persons = seed_persons(out, size, seeds)
+    kws = {s: _eval_kwargs(out, size, s, persons[s]) for s in seeds}
+    commands = {s: _eval_command(kw) for s, kw in kws.items()}
     for s in seeds:
-        kw = _eval_kwargs(out, size, s, persons[s])
-        command = _eval_command(kw)
-        print(f"evaluate, seed {s}: {command}", flush=True)
-        if workers > 1:
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-            procs = [subprocess.Popen([sys.executable, "-m", "pva.cli", *command.split()[1:],
-                                       "--shard-index", str(k), "--num-shards", str(workers)],
-                                      env=env, cwd=REPO)
-                     for k in range(workers)]  # fmt: skip
-            codes = [p.wait() for p in procs]
-            if any(codes):
-                raise RuntimeError(f"pva evaluate failed (exit codes {codes}): {command}")
-        evaluate(**kw)  # generates what is missing (nothing after the workers), then scores
-        if workers > 1:
-            command += (f" --shard-index K --num-shards {workers}  # K = 0..{workers - 1} in "
-                        f"parallel, then once without these two flags to score")  # fmt: skip
-        commands.append(command)
-    return {"commands": commands}
+        print(f"evaluate, seed {s}: {commands[s]}", flush=True)
+    if workers > 1:
+        tasks = [(kws[s], k, workers) for s in seeds for k in range(workers)]
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            try:
+                pool.starmap(_eval_shard, tasks, chunksize=1)
+            except Exception as e:
+                raise RuntimeError(f"pva evaluate failed in a worker ({e}); the commands: "
+                                   + "; ".join(commands.values())) from e  # fmt: skip
+        for s in seeds:
+            commands[s] += (f" --shard-index K --num-shards {workers}  # K = 0..{workers - 1} in "
+                            f"parallel, then once without these two flags to score")  # fmt: skip
+    for s in seeds:
+        evaluate(**kws[s])  # generates what is missing (nothing after the workers), then scores
+    return {"commands": [commands[s] for s in seeds]}
 
 
 # ------------------------------------------------------------------------------------ report
