@@ -234,7 +234,7 @@ def _eval_command(kw: dict) -> str:
 
 
 def _eval_shard(kw: dict, shard: int, shards: int) -> None:
-    """One evaluation worker's share of a seed's persons, on one thread (a forked process)."""
+    """One evaluation worker's share of a seed's persons, on one thread (a pool process)."""
     from pva.evaluate import evaluate
 
     torch.set_num_threads(1)
@@ -244,9 +244,11 @@ def _eval_shard(kw: dict, shard: int, shards: int) -> None:
 def _stage_evaluate(out: Path, size: DemoSize, seeds: list[int], workers: int) -> dict:
     """``pva evaluate`` per seed; persons dealt to ``workers`` processes (one thread each).
 
-    The workers are forked from this process (imports already done: a fresh ``pva evaluate``
-    spends ~8 s importing torch and diffusers) and run every seed's shares; each seed is then
-    scored here. The report gives the equivalent ``pva evaluate`` commands.
+    The workers are started once for all seeds and run every seed's shares; each seed is then
+    scored here. On Linux they are forked from this process (imports already done: a fresh
+    ``pva evaluate`` spends ~8 s importing torch and diffusers); elsewhere, where forking a
+    process that has run torch is unsafe or impossible, they are spawned. The report gives the
+    equivalent ``pva evaluate`` commands.
     """
     import multiprocessing
 
@@ -259,7 +261,8 @@ def _stage_evaluate(out: Path, size: DemoSize, seeds: list[int], workers: int) -
         print(f"evaluate, seed {s}: {commands[s]}", flush=True)
     if workers > 1:
         tasks = [(kws[s], k, workers) for s in seeds for k in range(workers)]
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
+        method = "fork" if sys.platform.startswith("linux") else "spawn"
+        with multiprocessing.get_context(method).Pool(workers) as pool:
             try:
                 pool.starmap(_eval_shard, tasks, chunksize=1)
             except Exception as e:
