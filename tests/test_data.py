@@ -18,7 +18,7 @@ from conftest import SHARED
 from data_fixtures import SPLIT, make_celebahq_idi, make_people
 
 from datamodules.masks import box_mask, brush_stroke_mask
-from datamodules.shards import ShardDataModule, decode_jpeg, parse_record
+from datamodules.shards import DecodedCache, ShardDataModule, decode_jpeg, parse_record
 from pva.module import PVAModule
 from pva.shards import build_shards, read_index
 from pva.tiny import tiny_pva_config
@@ -197,6 +197,40 @@ def test_training_batches_shapes_references_and_masks(idi):
     prompts = [p for b in batches for p in b["prompt"]]
     assert any(p == "photo of a <new1> person" for p in prompts)
     assert any(p.startswith("photo of a <new1> person. ") for p in prompts)  # with caption
+
+
+def test_decode_cache_gives_the_same_batches_and_stays_within_its_bound(idi):
+    def batches(cache_mb):
+        torch.manual_seed(0)  # the training stream's seed (no workers)
+        dm = _dm(idi["out"], batch_size=4, samples_per_epoch=48, decode_cache_mb=cache_mb)
+        loader = dm.train_dataloader()
+        return list(loader), loader.dataset
+
+    plain, _ = batches(0)
+    cached, stream = batches(64)
+    assert len(plain) == len(cached) == 12
+    assert 0 < len(stream._decoded) and stream._decoded.bytes <= 64 * 2**20  # photos were cached
+    for a, b in zip(plain, cached):
+        for key in ("image", "masked_image", "mask", "references", "reference_mask"):
+            assert torch.equal(a[key], b[key]), key
+        assert a["image_key"] == b["image_key"] and a["reference_keys"] == b["reference_keys"]
+
+    rec = next(_records(idi["out"], "train"))
+    face = decode_jpeg(rec.face[0])  # (3, 112, 112): 37632 bytes as uint8
+    cache = DecodedCache(2 * face.numel())
+    for i in range(3):
+        assert torch.equal(cache.get(f"f{i}", rec.face[i]), decode_jpeg(rec.face[i]))
+    assert len(cache) == 2 and cache.bytes <= cache.max_bytes  # f0 evicted, least recent
+    cache.get("f1", b"not read on a hit")
+    cache.get("f3", rec.face[3])  # evicts f2, the least recently used now
+    assert torch.equal(cache.get("f1", b"still cached"), decode_jpeg(rec.face[1]))
+    with pytest.raises(OSError):
+        cache.get("f2", b"evicted, so this is decoded")
+    off = DecodedCache(0)
+    off.get("f0", rec.face[0])
+    assert len(off) == 0
+    with pytest.raises(ValueError, match="decode_cache_mb"):
+        ShardDataModule(str(idi["out"]), decode_cache_mb=-1)
 
 
 def test_evaluation_masks_cover_the_landmark_region_exactly(idi):
