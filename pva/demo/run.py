@@ -456,6 +456,13 @@ def write_report(out: Path, size: DemoSize, seeds: list[int], state: dict) -> Pa
     if settings["quick"]:
         lines.append("- `--quick` trains every stage for a few steps only: it checks that the "
                      "pipeline runs end to end, and its numbers are not evidence either way.")
+    else:
+        lines.append(
+            '- Known limitation (BENCHMARKS.md, "How robust is the zero-shot claim?"): at this '
+            "stage-1 length the PVA pathway is under-trained, so whether zero-shot pva beats "
+            "sd-inpaint depends on the stand-ins drawn (`--seed`). It held for seed 0's; on a "
+            "re-drawn stage 0 it failed, and twice the stage-1 steps restored it."
+        )
     lines += ["", "What this is and is not: the stand-ins are minutes old, so every fill is blurry "
               "and colour-shifted (see the VAE error below and the grid); the table compares "
               "methods on the same frozen stand-ins and, within a seed, the same test "
