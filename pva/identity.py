@@ -221,6 +221,7 @@ class IdentityProjection(nn.Module):
         num_heads: Attention heads (8).
         ffn_dim: Feed-forward width (2048).
         dropout: Dropout inside the transformer (0.1).
+        query_std: Standard deviation of the learnable queries' normal initialisation.
     """
 
     def __init__(
@@ -232,10 +233,11 @@ class IdentityProjection(nn.Module):
         num_heads: int = 8,
         ffn_dim: int = 2048,
         dropout: float = 0.1,
+        query_std: float = 1.0,
     ) -> None:
         super().__init__()
         self.num_tokens = num_tokens
-        self.queries = nn.Parameter(torch.randn(num_tokens, embed_dim))
+        self.queries = nn.Parameter(torch.randn(num_tokens, embed_dim) * query_std)
         self.proj_in = nn.Linear(embed_dim, token_dim)
         layer = nn.TransformerEncoderLayer(
             token_dim, num_heads, ffn_dim, dropout, batch_first=True, norm_first=False

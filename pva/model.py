@@ -60,6 +60,12 @@ class PVAConfig:
     """Feed-forward width of the identity projection."""
     projection_dropout: float = 0.1
     """Dropout inside the identity projection."""
+    projection_query_std: float = 1.0
+    """Standard deviation of the projection's learnable queries at initialisation [ours: METHOD is
+    silent; 1 is ``torch.randn``]. At 1 the queries are as large as the demo's face embeddings and
+    only ~5% of the fresh tokens' energy varies between persons (0.125: ~35%), so the pathway
+    starts out as a person-independent bias; ``configs/demo.yaml`` uses 0.125 (BENCHMARKS.md,
+    "Why the zero-shot claim was fragile")."""
     face_crop: FaceCrop = "celebahq"
     """Recognizer preprocessing: ``celebahq`` (resize 256, crop [35:223, 32:220], pool to 112:
     for FFHQ/CelebA-HQ-aligned photos) or ``none`` (inputs are already aligned face crops)."""
@@ -113,6 +119,7 @@ class PVAModel(nn.Module):
             num_heads=config.projection_heads,
             ffn_dim=config.projection_ffn,
             dropout=config.projection_dropout,
+            query_std=config.projection_query_std,
         )
         self.identity_encoder = IdentityEncoder(
             face_backbone, projection, config.face_crop, config.train_face_backbone

@@ -108,6 +108,30 @@ def test_projection_is_order_invariant_and_takes_any_number_of_references():
         assert (proj(emb) - proj(emb[:, :3])).abs().max() > 1e-4  # references matter
 
 
+def test_projection_query_std_scales_the_queries_and_lets_references_dominate(make_model):
+    torch.manual_seed(0)
+    default = make_model()
+    torch.manual_seed(0)
+    small = make_model(projection_query_std=0.125)
+    q_default = default.identity_encoder.projection.queries
+    q_small = small.identity_encoder.projection.queries
+    # Same draw, scaled: nothing else in the model's initialisation moves.
+    torch.testing.assert_close(q_small, q_default * 0.125)
+    key = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor.to_k_pva.weight"
+    torch.testing.assert_close(small.unet.state_dict()[key], default.unet.state_dict()[key])
+    torch.manual_seed(1)
+    emb = torch.randn(16, 3, 64) + torch.randn(16, 1, 64)  # 16 persons, 3 references each
+
+    def person_share(model) -> float:
+        """Share of the tokens' energy that varies from person to person."""
+        proj = model.identity_encoder.projection.eval()
+        with torch.no_grad():
+            tok = proj(emb)  # (16, 10, D)
+        return float((tok - tok.mean(0)).square().sum() / tok.square().sum())
+
+    assert person_share(small) > 2 * person_share(default)
+
+
 def test_identity_encoder_end_to_end_and_backbone_stays_in_eval(make_model):
     model = make_model()
     model.train()
