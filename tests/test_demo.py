@@ -176,3 +176,59 @@ def test_quick_demo_resumes_and_refuses_foreign_folders(quick_demo, tmp_path):
                            str(tmp_path)], capture_output=True, text=True)  # fmt: skip
     assert proc.returncode != 0 and "not a demo folder" in proc.stderr
     assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+def test_stand_in_vae_with_a_single_thread_head_is_reproducible():
+    import torch
+
+    from pva.demo.stage0 import train_vae
+
+    images = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    threads = torch.get_num_threads()
+    seen = []
+    real_set = torch.set_num_threads
+
+    def record(n):
+        seen.append(n)
+        real_set(n)
+
+    torch.set_num_threads = record
+    try:
+        a = train_vae(images, steps=4, batch_size=2, crop=8, seed=0, progress=False,
+                      single_thread_steps=2)  # fmt: skip
+    finally:
+        torch.set_num_threads = real_set
+    b = train_vae(images, steps=4, batch_size=2, crop=8, seed=0, progress=False,
+                  single_thread_steps=2)  # fmt: skip
+    assert seen[:2] == [1, threads] and torch.get_num_threads() == threads  # 1, then restored
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_stand_in_unet_min_snr_weighting():
+    import numpy as np
+    import torch
+
+    from pva.backbone import build_tiny_backbone
+    from pva.demo.stage0 import PhotoSet, train_backbone
+
+    g = torch.Generator().manual_seed(0)
+    box = [16, 16, 48, 48]
+    photos = PhotoSet(
+        images=torch.rand(4, 3, 64, 64, generator=g) * 2 - 1,
+        faces=torch.zeros(4, 3, 112, 112), landmarks=np.zeros((4, 68, 2), np.float32),
+        boxes=[dict.fromkeys(("lowerface", "eyebrow", "wholeface"), box)] * 4,
+        captions=["smiling"] * 4, labels=torch.tensor([0, 0, 1, 1]), persons=["a", "b"],
+    )  # fmt: skip
+    vae = build_tiny_backbone(0).vae
+
+    def unet_after(gamma: float) -> dict:
+        bb = train_backbone(vae, photos, steps=2, batch_size=4, min_snr_gamma=gamma, seed=0,
+                            progress=False)  # fmt: skip
+        return bb.unet.state_dict()
+
+    plain, huge, weighted = unet_after(0.0), unet_after(1e12), unet_after(5.0)
+    # A cap above every SNR weights every sample by exactly 1: plain epsilon MSE.
+    assert all(torch.equal(plain[k], huge[k]) for k in plain)
+    # A cap of 5 down-weights the low-noise samples: the update differs.
+    assert any(not torch.equal(plain[k], weighted[k]) for k in plain)

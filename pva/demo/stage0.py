@@ -101,8 +101,9 @@ def _constant_then_decay(opt: torch.optim.Optimizer, base: float, step: int, ste
         g["lr"] = base * scale
 
 
-def train_vae(images: Tensor, steps: int = 1000, batch_size: int = 32, crop: int = 32,
-              lr: float = 2e-3, seed: int = 0, progress: bool = True) -> AutoencoderKL:  # fmt: skip
+def train_vae(images: Tensor, steps: int = 1200, batch_size: int = 16, crop: int = 32,
+              lr: float = 2e-3, seed: int = 0, progress: bool = True,
+              single_thread_steps: int = 0) -> AutoencoderKL:  # fmt: skip
     """Train a small ``AutoencoderKL`` on random crops (it is fully convolutional).
 
     It is trained as a deterministic autoencoder (L1 + MSE reconstruction of the posterior mean),
@@ -118,14 +119,42 @@ def train_vae(images: Tensor, steps: int = 1000, batch_size: int = 32, crop: int
         lr: Adam learning rate (constant, then decayed over the last 15% of the steps).
         seed: Seed of weights and sampling.
         progress: Show a progress bar.
+        single_thread_steps: Run the first this many steps on one thread (leaving the other
+            cores to work beside it), then on the thread count this was called with. A fixed
+            count, so the result does not depend on how long the other work takes.
     """
     vae = build_tiny_backbone(seed).vae.train()
     for p in vae.parameters():
         p.requires_grad_(True)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(vae.parameters(), lr=lr, fused=True)
+    n = images.shape[0]
+    threads = torch.get_num_threads()
+    try:
+        _train_vae_steps(vae, opt, images, steps, batch_size, crop, lr, gen, progress,
+                         single_thread_steps, threads)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    vae.eval().requires_grad_(False)
+    c = vae.config.latent_channels
+    with torch.no_grad():
+        vae.quant_conv.weight[c:] = 0.0  # rows c..2c of quant_conv produce the log-variance
+        vae.quant_conv.bias[c:] = -20.0
+        lat = torch.cat([vae.encode(images[i : i + 64]).latent_dist.mean
+                         for i in range(0, min(n, 512), 64)])  # fmt: skip
+    vae.register_to_config(scaling_factor=float(1.0 / lat.std()))
+    return vae
+
+
+def _train_vae_steps(vae: AutoencoderKL, opt: torch.optim.Optimizer, images: Tensor, steps: int,
+                     batch_size: int, crop: int, lr: float, gen: torch.Generator, progress: bool,
+                     single_thread_steps: int, threads: int) -> None:  # fmt: skip
     n, size = images.shape[0], images.shape[-1]
     for step in _steps(steps, "stage 0: VAE", progress):
+        if step == 0 and single_thread_steps > 0:
+            torch.set_num_threads(1)
+        elif step == single_thread_steps:
+            torch.set_num_threads(threads)
         _constant_then_decay(opt, lr, step, steps)
         idx = torch.randint(n, (batch_size,), generator=gen)
         ys = torch.randint(0, size - crop + 1, (batch_size,), generator=gen)
@@ -137,15 +166,6 @@ def train_vae(images: Tensor, steps: int = 1000, batch_size: int = 32, crop: int
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    vae.eval().requires_grad_(False)
-    c = vae.config.latent_channels
-    with torch.no_grad():
-        vae.quant_conv.weight[c:] = 0.0  # rows c..2c of quant_conv produce the log-variance
-        vae.quant_conv.bias[c:] = -20.0
-        lat = torch.cat([vae.encode(images[i : i + 64]).latent_dist.mean
-                         for i in range(0, min(n, 512), 64)])  # fmt: skip
-    vae.register_to_config(scaling_factor=float(1.0 / lat.std()))
-    return vae
 
 
 def _masks(boxes: list[dict], size: int, rng: random.Random, full_prob: float) -> Tensor:
@@ -160,9 +180,9 @@ def _masks(boxes: list[dict], size: int, rng: random.Random, full_prob: float) -
     return torch.stack(out)  # (B, 1, S, S)
 
 
-def train_backbone(vae: AutoencoderKL, photos: PhotoSet, steps: int = 1300, batch_size: int = 16,
+def train_backbone(vae: AutoencoderKL, photos: PhotoSet, steps: int = 2000, batch_size: int = 16,
                    lr: float = 3e-3, caption_prob: float = 0.5, text_dropout: float = 0.1,
-                   full_mask_prob: float = 0.1, seed: int = 0,
+                   full_mask_prob: float = 0.1, min_snr_gamma: float = 5.0, seed: int = 0,
                    progress: bool = True) -> Backbone:  # fmt: skip
     """Train the inpainting UNet and the text encoder with ``vae`` frozen, without references.
 
@@ -170,8 +190,15 @@ def train_backbone(vae: AutoencoderKL, photos: PhotoSet, steps: int = 1300, batc
     mask downsampled by nearest neighbour, and the latent of the image with the hole set to 0.
     Prompts: ``photo of a person``, plus ``. <caption>`` with ``caption_prob``; ``""`` with
     ``text_dropout`` (for classifier-free guidance). Masks: METHOD 6's strokes + region box, or
-    the whole image with ``full_mask_prob``. Epsilon MSE at uniform timesteps; AdamW at ``lr``,
-    decayed over the last 15% of the steps; gradients clipped to norm 1.
+    the whole image with ``full_mask_prob``. Epsilon MSE at uniform timesteps, each sample
+    weighted by ``min(SNR, min_snr_gamma) / SNR`` (Min-SNR weighting, Hang et al. 2023: the
+    low-noise steps, whose large epsilon errors barely matter to sampling, stop dominating; 0
+    turns it off); AdamW at ``lr``, decayed over the last 15% of the steps; gradients clipped to
+    norm 1.
+
+    Why it matters here: a stand-in that is far from converged leaves PVA's stage 1 a lot of
+    reference-independent denoising to learn, which its identity pathway then spends its steps on
+    and classifier-free guidance amplifies (BENCHMARKS.md, "Why the zero-shot claim was fragile").
 
     Returns:
         A frozen :class:`~pva.backbone.Backbone` (tokenizer and DDIM scheduler included).
@@ -190,6 +217,7 @@ def train_backbone(vae: AutoencoderKL, photos: PhotoSet, steps: int = 1300, batc
         latents = torch.cat([vae.encode(photos.images[i : i + 64]).latent_dist.mean
                              for i in range(0, n, 64)]) * vae.config.scaling_factor  # (N, 4, h, w)
     sched = bb.scheduler
+    snr = sched.alphas_cumprod / (1 - sched.alphas_cumprod)  # (T,) signal-to-noise ratio
     for step in _steps(steps, "stage 0: inpainting UNet", progress):
         _constant_then_decay(opt, lr, step, steps)
         idx = torch.randint(n, (batch_size,), generator=gen).tolist()
@@ -215,7 +243,10 @@ def train_backbone(vae: AutoencoderKL, photos: PhotoSet, steps: int = 1300, batc
         noise = torch.randn(latents[idx].shape, generator=gen)
         noisy = sched.add_noise(latents[idx], noise, t)
         x = torch.cat([noisy, mask_latent, masked_latent], dim=1)  # (B, 9, h, w)
-        loss = F.mse_loss(unet(x, t, encoder_hidden_states=ctx).sample, noise)
+        err = (unet(x, t, encoder_hidden_states=ctx).sample - noise).square().mean((1, 2, 3))
+        if min_snr_gamma > 0:
+            err = err * (snr[t].clamp(max=min_snr_gamma) / snr[t])  # (B,) Min-SNR weights
+        loss = err.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
