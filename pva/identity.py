@@ -236,6 +236,8 @@ class IdentityProjection(nn.Module):
         query_std: float = 1.0,
     ) -> None:
         super().__init__()
+        if query_std < 0:
+            raise ValueError(f"query_std (pva.projection_query_std) must be >= 0, got {query_std}")
         self.num_tokens = num_tokens
         self.queries = nn.Parameter(torch.randn(num_tokens, embed_dim) * query_std)
         self.proj_in = nn.Linear(embed_dim, token_dim)

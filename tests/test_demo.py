@@ -232,3 +232,5 @@ def test_stand_in_unet_min_snr_weighting():
     assert all(torch.equal(plain[k], huge[k]) for k in plain)
     # A cap of 5 down-weights the low-noise samples: the update differs.
     assert any(not torch.equal(plain[k], weighted[k]) for k in plain)
+    with pytest.raises(ValueError, match="min_snr_gamma"):
+        train_backbone(vae, photos, steps=1, min_snr_gamma=-1.0, progress=False)

@@ -130,6 +130,8 @@ def test_projection_query_std_scales_the_queries_and_lets_references_dominate(ma
         return float((tok - tok.mean(0)).square().sum() / tok.square().sum())
 
     assert person_share(small) > 2 * person_share(default)
+    with pytest.raises(ValueError, match="projection_query_std"):
+        IdentityProjection(embed_dim=64, token_dim=32, num_heads=4, query_std=-0.1)
 
 
 def test_identity_encoder_end_to_end_and_backbone_stays_in_eval(make_model):

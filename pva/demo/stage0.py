@@ -128,11 +128,25 @@ def train_vae(images: Tensor, steps: int = 1200, batch_size: int = 16, crop: int
         p.requires_grad_(True)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(vae.parameters(), lr=lr, fused=True)
-    n = images.shape[0]
+    n, size = images.shape[0], images.shape[-1]
     threads = torch.get_num_threads()
     try:
-        _train_vae_steps(vae, opt, images, steps, batch_size, crop, lr, gen, progress,
-                         single_thread_steps, threads)  # fmt: skip
+        for step in _steps(steps, "stage 0: VAE", progress):
+            if step == 0 and single_thread_steps > 0:
+                torch.set_num_threads(1)
+            elif step == single_thread_steps:
+                torch.set_num_threads(threads)
+            _constant_then_decay(opt, lr, step, steps)
+            idx = torch.randint(n, (batch_size,), generator=gen)
+            ys = torch.randint(0, size - crop + 1, (batch_size,), generator=gen)
+            xs = torch.randint(0, size - crop + 1, (batch_size,), generator=gen)
+            x = torch.stack([images[i, :, y : y + crop, x0 : x0 + crop]
+                             for i, y, x0 in zip(idx, ys, xs)])  # (B, 3, crop, crop)  # fmt: skip
+            rec = vae.decode(vae.encode(x).latent_dist.mean).sample
+            loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
     finally:
         torch.set_num_threads(threads)
     vae.eval().requires_grad_(False)
@@ -144,28 +158,6 @@ def train_vae(images: Tensor, steps: int = 1200, batch_size: int = 16, crop: int
                          for i in range(0, min(n, 512), 64)])  # fmt: skip
     vae.register_to_config(scaling_factor=float(1.0 / lat.std()))
     return vae
-
-
-def _train_vae_steps(vae: AutoencoderKL, opt: torch.optim.Optimizer, images: Tensor, steps: int,
-                     batch_size: int, crop: int, lr: float, gen: torch.Generator, progress: bool,
-                     single_thread_steps: int, threads: int) -> None:  # fmt: skip
-    n, size = images.shape[0], images.shape[-1]
-    for step in _steps(steps, "stage 0: VAE", progress):
-        if step == 0 and single_thread_steps > 0:
-            torch.set_num_threads(1)
-        elif step == single_thread_steps:
-            torch.set_num_threads(threads)
-        _constant_then_decay(opt, lr, step, steps)
-        idx = torch.randint(n, (batch_size,), generator=gen)
-        ys = torch.randint(0, size - crop + 1, (batch_size,), generator=gen)
-        xs = torch.randint(0, size - crop + 1, (batch_size,), generator=gen)
-        x = torch.stack([images[i, :, y : y + crop, x0 : x0 + crop]
-                         for i, y, x0 in zip(idx, ys, xs)])  # (B, 3, crop, crop)  # fmt: skip
-        rec = vae.decode(vae.encode(x).latent_dist.mean).sample
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
 
 
 def _masks(boxes: list[dict], size: int, rng: random.Random, full_prob: float) -> Tensor:
@@ -203,6 +195,8 @@ def train_backbone(vae: AutoencoderKL, photos: PhotoSet, steps: int = 2000, batc
     Returns:
         A frozen :class:`~pva.backbone.Backbone` (tokenizer and DDIM scheduler included).
     """
+    if min_snr_gamma < 0:
+        raise ValueError(f"min_snr_gamma must be >= 0 (0: no weighting), got {min_snr_gamma}")
     bb = build_tiny_backbone(seed)
     bb.vae = vae
     unet, text = bb.unet.train(), bb.text_encoder.train()
