@@ -158,7 +158,9 @@ def test_sigkill_then_resume_from_last_checkpoint(tiny_assets, train_shards, tmp
     deadline = time.time() + 300
     try:
         while time.time() < deadline and proc.poll() is None:
-            if (tmp_path / "ckpt" / "epoch=0-step=4.ckpt").exists():
+            # Step 6's checkpoint means step 4's saves (its own file, then last.ckpt) are done;
+            # killing as soon as step 4's file appears can land before last.ckpt is updated.
+            if (tmp_path / "ckpt" / "epoch=0-step=6.ckpt").exists():
                 break
             time.sleep(0.5)
         assert proc.poll() is None, "training ended before it could be killed"
