@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
             "small stand-ins for SD2-inpainting and ArcFace, trains PVA with train.py, evaluates "
             "sd-inpaint / pva / pva-ft40 / custom-diffusion on held-out persons with pva "
             "evaluate, and writes OUT/report.md. Resumable: finished stages are skipped. "
-            "About 20-25 minutes on 2 CPU cores; --quick about 3."
+            "About 16-25 minutes on 2 CPU cores (the machine's speed varies); --quick about 3."
         ),
     )
     dm.add_argument("--out", default="demo_out", help="output folder (default: %(default)s)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shlex
 import subprocess
 import sys
 
@@ -152,6 +153,18 @@ def test_quick_demo_runs_every_stage_and_reports(quick_demo):
     assert "seed 0: " in line and all(p in line for p in persons), line
     command = next(x for x in report.splitlines() if x.startswith("pva evaluate --data"))
     assert set(command.split("--persons ")[1].split()[0].split(",")) == persons
+    # the command, read by the real CLI parser, asks for what the demo ran
+    from pva.cli import build_parser
+    from pva.demo.run import GUIDANCE, _eval_kwargs
+
+    args = build_parser().parse_args(shlex.split(command.split(" --shard-index")[0])[1:])
+    ran = _eval_kwargs(out, QUICK, 0, sorted(persons))
+    assert args.guidance == ran["guidance"] == GUIDANCE
+    assert (args.steps, args.ft_steps, args.cd_steps, args.seed) == (
+        ran["steps"], ran["ft_steps"], ran["cd_steps"], ran["seed"])
+    assert args.ft_lr == pytest.approx(ran["ft_lr"])
+    assert args.cd_eval_steps == ",".join(map(str, ran["cd_eval_steps"]))
+    assert args.paste_back and args.no_edit and args.methods.split(",") == ran["methods"]
     results = json.loads((out / "results.json").read_text())
     # paste-back: every method leaves every pixel outside the mask as it was
     for method in method_rows(QUICK):
