@@ -497,8 +497,8 @@ def write_report(out: Path, size: DemoSize, seeds: list[int], state: dict) -> Pa
     else:
         lines.append(
             "- Known limitation: 2 test persons per seed make every margin noisy, and the "
-            "zero-shot gain is small in this miniature; BENCHMARKS.md (`pva demo`) has three "
-            "stage-0 draws (`--seed 0`, `1`, `2`), checks on 16 test persons, and why the "
+            "zero-shot gain is small in this miniature; BENCHMARKS.md (`pva demo`) has four "
+            "stage-0 draws (`--seed 0` to `3`), checks on 16 test persons, and why the "
             "evaluation uses guidance 1."
         )
     lines += ["", "What this is and is not: the stand-ins are minutes old, so every fill is blurry "
