@@ -167,6 +167,13 @@ def _bench_sample(args: argparse.Namespace) -> None:
     bench_sample(steps=(args.short, args.long), cd_steps=args.cd_steps, guidance=args.guidance)
 
 
+def _bench_text_use(args: argparse.Namespace) -> None:
+    from pva.bench.textuse import bench_text_use
+
+    guidance = tuple(float(g) for g in args.guidance.split(","))
+    bench_text_use(args.run, args.backbone, persons=args.persons, guidance=guidance)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``pva`` command."""
     parser = argparse.ArgumentParser(
@@ -466,6 +473,16 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--cd-steps", type=int, default=1000, help="Custom-Diffusion steps (1000)")
     sa.add_argument("--guidance", type=float, default=6.0, help="CFG scale (default: 6)")
     sa.set_defaults(func=_bench_sample)
+    tu = bench_sub.add_parser(
+        "text-use",
+        help="does a `pva demo` stand-in backbone use its text? (oracle captions vs plain prompt)",
+    )
+    tu.add_argument("--run", required=True, help="a finished `pva demo --out` folder")
+    tu.add_argument("--backbone", default=None,
+                    help="backbone folder to measure (default: RUN/models/backbone)")  # fmt: skip
+    tu.add_argument("--persons", type=int, default=16, help="validation persons (default: 16)")
+    tu.add_argument("--guidance", default="1,4", help="comma-separated CFG scales (default: 1,4)")
+    tu.set_defaults(func=_bench_text_use)
     return parser
 
 

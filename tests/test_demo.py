@@ -247,3 +247,52 @@ def test_stand_in_unet_min_snr_weighting():
     assert any(not torch.equal(plain[k], weighted[k]) for k in plain)
     with pytest.raises(ValueError, match="min_snr_gamma"):
         train_backbone(vae, photos, steps=1, min_snr_gamma=-1.0, progress=False)
+
+
+def test_text_use_benchmark_on_the_quick_demo(quick_demo):
+    from pva.bench.textuse import REGIONS as BOXES
+    from pva.bench.textuse import text_use
+
+    out, _ = quick_demo
+    res = text_use(out, persons=2, photos_per_person=1, guidance=(1.0,), steps=2)
+    # a fresh text encoder's tokens differ across positions and between the two prompts
+    assert res["spread_init"]["across_positions"] > 0.1
+    assert res["spread_init"]["caption_vs_plain"] > 0.1
+    assert res["spread"]["caption_vs_plain"] > 0.0
+    row = res["guidance"][1.0]
+    for r in row.values():
+        assert set(r["identity"]) == set(BOXES)
+        assert all(-1.0 <= v <= 1.0 for v in r["identity"].values())
+        assert 0.0 < r["masked_error"] < 1.0
+    # the caption reaches the UNet: the fills differ from the plain prompt's
+    assert row["caption"]["masked_error"] != row["plain"]["masked_error"]
+    with pytest.raises(FileNotFoundError, match="is missing"):
+        text_use(out / "models", persons=1)
+
+
+def test_stand_in_text_encoder_trains_at_its_own_rate_or_stays_frozen():
+    import numpy as np
+    import torch
+
+    from pva.backbone import build_tiny_backbone
+    from pva.demo.stage0 import PhotoSet, train_backbone
+
+    g = torch.Generator().manual_seed(0)
+    box = [16, 16, 48, 48]
+    photos = PhotoSet(
+        images=torch.rand(4, 3, 64, 64, generator=g) * 2 - 1,
+        faces=torch.zeros(4, 3, 112, 112), landmarks=np.zeros((4, 68, 2), np.float32),
+        boxes=[dict.fromkeys(("lowerface", "eyebrow", "wholeface"), box)] * 4,
+        captions=["smiling"] * 4, labels=torch.tensor([0, 0, 1, 1]), persons=["a", "b"],
+    )  # fmt: skip
+    fresh = build_tiny_backbone(0)
+    kw = dict(steps=2, batch_size=4, caption_prob=1.0, text_dropout=0.0, seed=0, progress=False)
+    frozen = train_backbone(fresh.vae, photos, text_lr=0.0, **kw)
+    trained = train_backbone(fresh.vae, photos, **kw)
+    init, fz, tr = (m.text_encoder.state_dict() for m in (fresh, frozen, trained))
+    assert all(torch.equal(init[k], fz[k]) for k in init)  # text_lr=0: exactly the init
+    assert any(not torch.equal(init[k], tr[k]) for k in init)  # default: trained with the UNet
+    assert any(not torch.equal(frozen.unet.state_dict()[k], v)  # the UNet trains either way
+               for k, v in fresh.unet.state_dict().items())  # fmt: skip
+    with pytest.raises(ValueError, match="text_lr"):
+        train_backbone(fresh.vae, photos, steps=1, text_lr=-1.0, progress=False)

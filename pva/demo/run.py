@@ -498,8 +498,10 @@ def write_report(out: Path, size: DemoSize, seeds: list[int], state: dict) -> Pa
         lines.append(
             "- Known limitation: 2 test persons per seed make every margin noisy, and the "
             "zero-shot gain is small in this miniature; BENCHMARKS.md (`pva demo`) has four "
-            "stage-0 draws (`--seed 0` to `3`), checks on 16 test persons, and why the "
-            "evaluation uses guidance 1."
+            "stage-0 draws (`--seed 0` to `3`), checks on 16 test persons, why the "
+            "evaluation uses guidance 1, and a measured weakness of the stand-in: its UNet "
+            "barely follows its text, so the text attention that PVA copies starts from little "
+            f"(`pva bench text-use --run {out}` measures it on this run)."
         )
     lines += ["", "What this is and is not: the stand-ins are minutes old, so every fill is blurry "
               "and colour-shifted (see the VAE error below and the grid); the table compares "

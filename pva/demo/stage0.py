@@ -94,11 +94,14 @@ def _cosine_lr(opt: torch.optim.Optimizer, base: float, step: int, steps: int) -
 
 
 def _constant_then_decay(opt: torch.optim.Optimizer, base: float, step: int, steps: int) -> None:
-    """Constant ``base``, then a linear decay to 5% over the last 15% of the steps."""
+    """Constant ``base``, then a linear decay to 5% over the last 15% of the steps.
+
+    A parameter group with an ``lr_scale`` entry runs at ``base * lr_scale``.
+    """
     start = int(0.85 * steps)
     scale = 1.0 if step < start else 1.0 - 0.95 * (step - start) / max(1, steps - start)
     for g in opt.param_groups:
-        g["lr"] = base * scale
+        g["lr"] = base * scale * g.get("lr_scale", 1.0)
 
 
 def train_vae(images: Tensor, steps: int = 1200, batch_size: int = 16, crop: int = 32,
@@ -174,9 +177,10 @@ def _masks(boxes: list[dict], size: int, rng: random.Random, full_prob: float) -
 
 def train_backbone(vae: AutoencoderKL, photos: PhotoSet, steps: int = 2000, batch_size: int = 16,
                    lr: float = 3e-3, caption_prob: float = 0.5, text_dropout: float = 0.1,
-                   full_mask_prob: float = 0.1, min_snr_gamma: float = 5.0, seed: int = 0,
+                   full_mask_prob: float = 0.1, min_snr_gamma: float = 5.0,
+                   text_lr: float | None = None, seed: int = 0,
                    progress: bool = True) -> Backbone:  # fmt: skip
-    """Train the inpainting UNet and the text encoder with ``vae`` frozen, without references.
+    """Train the inpainting UNet (and the text encoder) with ``vae`` frozen, without references.
 
     Same conditioning as SD2-inpainting (and :class:`~pva.model.PVAModel`): noisy latent, the
     mask downsampled by nearest neighbour, and the latent of the image with the hole set to 0.
@@ -186,7 +190,13 @@ def train_backbone(vae: AutoencoderKL, photos: PhotoSet, steps: int = 2000, batc
     weighted by ``min(SNR, min_snr_gamma) / SNR`` (Min-SNR weighting, Hang et al. 2023: the
     low-noise steps, whose large epsilon errors barely matter to sampling, stop dominating; 0
     turns it off); AdamW at ``lr``, decayed over the last 15% of the steps; gradients clipped to
-    norm 1.
+    norm 1. The text encoder trains with the UNet at ``text_lr`` (default: ``lr``) or stays at its
+    random initialisation with ``text_lr=0``.
+
+    What the stand-in does NOT do (BENCHMARKS.md, "The stand-in backbone ignores its text"): use
+    its prompt much. Trained jointly, the text encoder collapses to near-constant token
+    features, and even with it frozen the UNet barely reads a caption that names every hidden
+    attribute; SD2's UNet, trained much longer on captioned data, does.
 
     Why it matters here: a stand-in that is far from converged leaves PVA's stage 1 a lot of
     reference-independent denoising to learn, which its identity pathway then spends its steps on
@@ -199,13 +209,22 @@ def train_backbone(vae: AutoencoderKL, photos: PhotoSet, steps: int = 2000, batc
         raise ValueError(f"min_snr_gamma must be >= 0 (0: no weighting), got {min_snr_gamma}")
     bb = build_tiny_backbone(seed)
     bb.vae = vae
-    unet, text = bb.unet.train(), bb.text_encoder.train()
-    params = list(unet.parameters()) + list(text.parameters())
-    for p in params:
+    if text_lr is None:
+        text_lr = lr
+    if text_lr < 0:
+        raise ValueError(f"text_lr must be >= 0 (0: frozen text encoder), got {text_lr}")
+    unet, text = bb.unet.train(), bb.text_encoder.eval().requires_grad_(False)
+    params = list(unet.parameters())
+    groups: list[dict] = [{"params": params}]
+    if text_lr > 0:
+        text.train().requires_grad_(True)
+        groups.append({"params": list(text.parameters()), "lr_scale": text_lr / lr})
+        params = params + groups[1]["params"]
+    for p in unet.parameters():
         p.requires_grad_(True)
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2, fused=True)
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=1e-2, fused=True)
     n, size = photos.images.shape[0], photos.images.shape[-1]
     with torch.no_grad():
         latents = torch.cat([vae.encode(photos.images[i : i + 64]).latent_dist.mean
@@ -232,7 +251,8 @@ def train_backbone(vae: AutoencoderKL, photos: PhotoSet, steps: int = 2000, batc
                 prompts.append(UNCOND_PROMPT)
         ids = bb.tokenizer(prompts, padding="max_length", max_length=77, truncation=True,
                            return_tensors="pt").input_ids  # fmt: skip
-        ctx = text(ids)[0]  # (B, 77, D)
+        with torch.set_grad_enabled(text_lr > 0):
+            ctx = text(ids)[0]  # (B, 77, D)
         t = torch.randint(0, sched.config.num_train_timesteps, (batch_size,), generator=gen)
         noise = torch.randn(latents[idx].shape, generator=gen)
         noisy = sched.add_noise(latents[idx], noise, t)
