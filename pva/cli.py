@@ -167,11 +167,19 @@ def _bench_sample(args: argparse.Namespace) -> None:
     bench_sample(steps=(args.short, args.long), cd_steps=args.cd_steps, guidance=args.guidance)
 
 
+def _float_list(text: str) -> tuple[float, ...]:
+    """``"1,4"`` -> ``(1.0, 4.0)``; an argparse type, so bad input names its flag."""
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        msg = f"expected comma-separated numbers, got '{text}'"
+        raise argparse.ArgumentTypeError(msg) from None
+
+
 def _bench_text_use(args: argparse.Namespace) -> None:
     from pva.bench.textuse import bench_text_use
 
-    guidance = tuple(float(g) for g in args.guidance.split(","))
-    bench_text_use(args.run, args.backbone, persons=args.persons, guidance=guidance)
+    bench_text_use(args.run, args.backbone, persons=args.persons, guidance=args.guidance)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -481,7 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--backbone", default=None,
                     help="backbone folder to measure (default: RUN/models/backbone)")  # fmt: skip
     tu.add_argument("--persons", type=int, default=16, help="validation persons (default: 16)")
-    tu.add_argument("--guidance", default="1,4", help="comma-separated CFG scales (default: 1,4)")
+    tu.add_argument("--guidance", type=_float_list, default=(1.0, 4.0),
+                    help="comma-separated CFG scales (default: 1,4)")  # fmt: skip
     tu.set_defaults(func=_bench_text_use)
     return parser
 

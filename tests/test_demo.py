@@ -218,21 +218,29 @@ def test_stand_in_vae_with_a_single_thread_head_is_reproducible():
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_stand_in_unet_min_snr_weighting():
-    import numpy as np
+def _four_photos():
+    """A stage-0 PhotoSet of 4 random 64-px photos of 2 persons, one box for every region."""
     import torch
 
-    from pva.backbone import build_tiny_backbone
-    from pva.demo.stage0 import PhotoSet, train_backbone
+    from pva.demo.stage0 import PhotoSet
 
     g = torch.Generator().manual_seed(0)
     box = [16, 16, 48, 48]
-    photos = PhotoSet(
+    return PhotoSet(
         images=torch.rand(4, 3, 64, 64, generator=g) * 2 - 1,
         faces=torch.zeros(4, 3, 112, 112), landmarks=np.zeros((4, 68, 2), np.float32),
         boxes=[dict.fromkeys(("lowerface", "eyebrow", "wholeface"), box)] * 4,
         captions=["smiling"] * 4, labels=torch.tensor([0, 0, 1, 1]), persons=["a", "b"],
     )  # fmt: skip
+
+
+def test_stand_in_unet_min_snr_weighting():
+    import torch
+
+    from pva.backbone import build_tiny_backbone
+    from pva.demo.stage0 import train_backbone
+
+    photos = _four_photos()
     vae = build_tiny_backbone(0).vae
 
     def unet_after(gamma: float) -> dict:
@@ -271,20 +279,12 @@ def test_text_use_benchmark_on_the_quick_demo(quick_demo):
 
 
 def test_stand_in_text_encoder_trains_at_its_own_rate_or_stays_frozen():
-    import numpy as np
     import torch
 
     from pva.backbone import build_tiny_backbone
-    from pva.demo.stage0 import PhotoSet, train_backbone
+    from pva.demo.stage0 import train_backbone
 
-    g = torch.Generator().manual_seed(0)
-    box = [16, 16, 48, 48]
-    photos = PhotoSet(
-        images=torch.rand(4, 3, 64, 64, generator=g) * 2 - 1,
-        faces=torch.zeros(4, 3, 112, 112), landmarks=np.zeros((4, 68, 2), np.float32),
-        boxes=[dict.fromkeys(("lowerface", "eyebrow", "wholeface"), box)] * 4,
-        captions=["smiling"] * 4, labels=torch.tensor([0, 0, 1, 1]), persons=["a", "b"],
-    )  # fmt: skip
+    photos = _four_photos()
     fresh = build_tiny_backbone(0)
     kw = dict(steps=2, batch_size=4, caption_prob=1.0, text_dropout=0.0, seed=0, progress=False)
     frozen = train_backbone(fresh.vae, photos, text_lr=0.0, **kw)

@@ -68,6 +68,9 @@ def text_use(run: str | Path, backbone: str | Path | None = None, persons: int =
     from pva.sampling import ddim_inpaint
     from pva.tiny import tiny_pva_config
 
+    if persons < 1 or photos_per_person < 1:
+        raise ValueError(f"persons and photos_per_person must be >= 1, got {persons} and "
+                         f"{photos_per_person}")  # fmt: skip
     run = Path(run)
     backbone = Path(backbone) if backbone is not None else run / "models" / "backbone"
     for path in (backbone, run / "models" / "face_cond.pth", run / "models" / "face_score.pth",

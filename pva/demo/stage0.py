@@ -213,15 +213,13 @@ def train_backbone(vae: AutoencoderKL, photos: PhotoSet, steps: int = 2000, batc
         text_lr = lr
     if text_lr < 0:
         raise ValueError(f"text_lr must be >= 0 (0: frozen text encoder), got {text_lr}")
-    unet, text = bb.unet.train(), bb.text_encoder.eval().requires_grad_(False)
+    unet = bb.unet.train().requires_grad_(True)
+    text = bb.text_encoder.train(text_lr > 0).requires_grad_(text_lr > 0)
     params = list(unet.parameters())
     groups: list[dict] = [{"params": params}]
     if text_lr > 0:
-        text.train().requires_grad_(True)
         groups.append({"params": list(text.parameters()), "lr_scale": text_lr / lr})
         params = params + groups[1]["params"]
-    for p in unet.parameters():
-        p.requires_grad_(True)
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=1e-2, fused=True)
