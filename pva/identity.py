@@ -107,6 +107,9 @@ class IResNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, 3, 112, 112) in [-1, 1] -> (N, num_features) unnormalised embeddings."""
+        # Dense NCHW: oneDNN's convolution backward segfaults on channels-last input on some
+        # AVX-512 CPUs (torch 2.14.1, AMD EPYC); a no-op for the usual contiguous batch.
+        x = x.contiguous()
         x = self.prelu(self.bn1(self.conv1(x)))  # (N, w0, 112, 112)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (N, w3, 7, 7)
         x = torch.flatten(self.bn2(x), 1)  # (N, w3 * 49)

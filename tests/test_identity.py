@@ -162,3 +162,26 @@ def test_custom_width_iresnet_is_inferred():
     m = IResNet(layers=(1, 2, 1, 1), widths=(8, 16, 24, 32), num_features=40)
     cfg = iresnet_config_from_state_dict(m.state_dict())
     assert cfg == {"layers": [1, 2, 1, 1], "widths": [8, 16, 24, 32], "num_features": 40}
+
+
+def test_iresnet_trains_on_a_channels_last_batch():
+    # A batch cut from an (N, H, W, 3) array by permute is channels-last. oneDNN's convolution
+    # backward segfaulted on such input on an AVX-512 AMD EPYC (torch 2.14.1): the demo's scoring
+    # recognizer trains on exactly that view. In a subprocess: a crash fails this test only.
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from pva.identity import IResNet\n"
+        "torch.manual_seed(0)\n"
+        "m = IResNet((1, 2, 2, 1), (8, 16, 24, 48), 96).train()\n"
+        "x = torch.randn(8, 112, 112, 3).permute(0, 3, 1, 2)  # (8, 3, 112, 112), channels-last\n"
+        "m(x).square().mean().backward()\n"
+        "g = m.conv1.weight.grad\n"
+        "assert g is not None and bool(torch.isfinite(g).all()) and bool(g.abs().sum() > 0)\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
