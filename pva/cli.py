@@ -182,6 +182,12 @@ def _bench_text_use(args: argparse.Namespace) -> None:
     bench_text_use(args.run, args.backbone, persons=args.persons, guidance=args.guidance)
 
 
+def _bench_headroom(args: argparse.Namespace) -> None:
+    from pva.bench.headroom import bench_headroom
+
+    bench_headroom(args.run, args.eval, draws=args.draws, oracle_steps=args.oracle_steps)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``pva`` command."""
     parser = argparse.ArgumentParser(
@@ -492,6 +498,29 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--guidance", type=_float_list, default=(1.0, 4.0),
                     help="comma-separated CFG scales (default: 1,4)")  # fmt: skip
     tu.set_defaults(func=_bench_text_use)
+    hr = bench_sub.add_parser(
+        "headroom",
+        help="a `pva demo` evaluation next to exact generator fills (right / wrong hidden "
+        "attributes, VAE ceiling) and, optionally, PVA trained on oracle attribute embeddings",
+    )
+    hr.add_argument("--run", required=True, help="a finished `pva demo --out` folder")
+    hr.add_argument("--eval", default=None,
+                    help="a `pva evaluate` output on the run's shards (default: RUN/eval/seed*, "
+                         "the first)")  # fmt: skip
+    hr.add_argument(
+        "--draws",
+        type=int,
+        default=2,
+        help="other persons whose hidden attributes re-render each target (2)",
+    )
+    hr.add_argument(
+        "--oracle-steps",
+        type=int,
+        default=0,
+        help="also train stage 1 this long on true-attribute embeddings and "
+        "inpaint with them (default: 0, off; the demo's stage 1 is 600)",
+    )
+    hr.set_defaults(func=_bench_headroom)
     return parser
 
 

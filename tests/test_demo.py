@@ -278,6 +278,44 @@ def test_text_use_benchmark_on_the_quick_demo(quick_demo):
         text_use(out / "models", persons=1)
 
 
+def test_headroom_benchmark_on_the_quick_demo(quick_demo):
+    from pva.bench.headroom import BACKBONE_SAME_NOISE, FILLS, ORACLE, SAME_NOISE, headroom
+
+    out, _ = quick_demo
+    res = headroom(out, draws=1, oracle_steps=2, ddim_steps=2)
+    # the generator re-creates every evaluation target exactly as the shards hold it
+    assert res["rerender_error"] < 0.005
+    identity = res["identity"]
+    rows = {"sd-inpaint", "pva", "pva-ft40", ORACLE, SAME_NOISE, BACKBONE_SAME_NOISE, *FILLS}
+    assert rows <= set(identity)
+    masks = set(res["n"])
+    assert masks == {"lowerface", "eyebrow", "wholeface", "random"}
+    for name, per in identity.items():
+        assert set(per) == masks, name
+        assert all(-1.0 <= v <= 1.0 + 1e-5 for v in per.values()), name
+    assert min(identity["rerender"].values()) > 0.999
+    # another person's hidden attributes under the whole-face box change what the scorer sees
+    assert identity["wrong hidden"]["wholeface"] < 0.999
+    # the oracle row's tokens come from the attributes, not the photos: other fills
+    assert identity[ORACLE] != identity[SAME_NOISE]
+    with pytest.raises(FileNotFoundError, match="holds no targets"):
+        headroom(out, eval_dir=out / "models")
+
+
+def test_attribute_embedding_marks_each_attribute_once():
+    import torch
+
+    from pva.bench.headroom import attribute_embedding
+    from pva.demo.generator import ATTRIBUTES, sample_person
+
+    a, b = (sample_person(0, i).names() for i in (0, 1))
+    ea, eb = attribute_embedding(a, 64), attribute_embedding(b, 64)
+    assert ea.shape == (64,) and int((ea > 0).sum()) == len(ATTRIBUTES)
+    assert not torch.equal(ea, eb) and not ea[48:].any()
+    with pytest.raises(ValueError, match="needs 48 values"):
+        attribute_embedding(a, 32)
+
+
 def test_stand_in_text_encoder_trains_at_its_own_rate_or_stays_frozen():
     import torch
 
