@@ -233,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
             "small stand-ins for SD2-inpainting and ArcFace, trains PVA with train.py, evaluates "
             "sd-inpaint / pva / pva-ft40 / custom-diffusion on held-out persons with pva "
             "evaluate, and writes OUT/report.md. Resumable: finished stages are skipped. "
-            "About 16-25 minutes on 2 CPU cores (the machine's speed varies); --quick about 3."
+            "About 14 minutes on 2 CPU cores (measured on an AMD EPYC; slower 2-core machines "
+            "took 16-25 with half this stage 1); --quick about 3."
         ),
     )
     dm.add_argument("--out", default="demo_out", help="output folder (default: %(default)s)")
@@ -518,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="also train stage 1 this long on true-attribute embeddings and "
-        "inpaint with them (default: 0, off; the demo's stage 1 is 600)",
+        "inpaint with them (default: 0, off; the demo's stage 1 is 1200)",
     )
     hr.set_defaults(func=_bench_headroom)
     return parser

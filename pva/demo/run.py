@@ -57,7 +57,7 @@ class DemoSize:
 
 
 FULL = DemoSize(persons=300, infer_per_person=2, vae_steps=1200, unet_steps=2000,
-                recognizer_steps=150, stage1_steps=600, eval_persons=2, seeds=3, ddim_steps=25,
+                recognizer_steps=150, stage1_steps=1200, eval_persons=2, seeds=3, ddim_steps=25,
                 ft_steps=40, cd_steps=1000, cd_eval_steps=(40, 100, 300))  # fmt: skip
 """The full run: the paper's step counts for personalization (40) and Custom Diffusion (1000)."""
 QUICK = DemoSize(persons=60, infer_per_person=1, vae_steps=60, unet_steps=60,
@@ -501,7 +501,12 @@ def write_report(out: Path, size: DemoSize, seeds: list[int], state: dict) -> Pa
             "stage-0 draws (`--seed 0` to `3`), checks on 16 test persons, why the "
             "evaluation uses guidance 1, and a measured weakness of the stand-in: its UNet "
             "barely follows its text, so the text attention that PVA copies starts from little "
-            f"(`pva bench text-use --run {out}` measures it on this run)."
+            f"(`pva bench text-use --run {out}` measures it on this run). `pva bench headroom "
+            f"--run {out} --oracle-steps {size.stage1_steps}` puts the fills beside exact renders "
+            "(what the hidden attributes are worth to the scorer) and beside PVA given the true "
+            "attributes instead of face embeddings: on `--seed 0` those oracle tokens did no "
+            "better than the references, so the stand-in UNet's rendering, not the identity "
+            "encoder, limits the zero-shot gain."
         )
     lines += ["", "What this is and is not: the stand-ins are minutes old, so every fill is blurry "
               "and colour-shifted (see the VAE error below and the grid); the table compares "
