@@ -34,7 +34,6 @@ identity features would not help; the backbone's rendering would.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -43,7 +42,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from datamodules.shards import decode_jpeg, decode_jpeg_uint8
+from pva.evaluate import _load_png
 from pva.faces import resize_square
+from pva.shards import _jpeg
 
 if TYPE_CHECKING:
     from pva.model import PVAModel
@@ -55,20 +57,6 @@ BACKBONE_SAME_NOISE = "sd-inpaint, same noise"
 NOT_METHODS = ("_gt", "_timings", "_shards", "edit")
 
 
-def _load_image(path: Path) -> torch.Tensor:
-    """A PNG as (3, H, W) in [-1, 1]."""
-    with Image.open(path) as im:
-        arr = np.asarray(im.convert("RGB"), dtype=np.float32)
-    return torch.from_numpy(arr / 127.5 - 1.0).permute(2, 0, 1)
-
-
-def _jpeg_roundtrip(image: np.ndarray) -> np.ndarray:
-    """Encode as JPEG (quality 95, as the generator and the shard builder write) and decode."""
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="JPEG", quality=95)
-    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
-
-
 def _shard_view(image: np.ndarray, size: int) -> torch.Tensor:
     """What the demo's data stage makes of a generated photo, as the shards hold it.
 
@@ -78,10 +66,9 @@ def _shard_view(image: np.ndarray, size: int) -> torch.Tensor:
     Returns:
         (3, size, size) in [-1, 1].
     """
-    decoded = _jpeg_roundtrip(image)
+    decoded = decode_jpeg_uint8(_jpeg(image)).permute(1, 2, 0).numpy()  # (H, W, 3) uint8
     crop = resize_square(decoded, np.zeros((68, 2), np.float32), size).image  # (size, size, 3)
-    view = _jpeg_roundtrip(crop)
-    return torch.from_numpy(view.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+    return decode_jpeg(_jpeg(crop))
 
 
 def attribute_embedding(attributes: dict[str, str], dim: int, value: float = 2.0) -> torch.Tensor:
@@ -242,8 +229,8 @@ def headroom(run: str | Path, eval_dir: str | Path | None = None, draws: int = 2
         pid, stem = meta_path.parent.name, meta_path.name.removesuffix(".json")
         photo_stem, mask_name = stem.rsplit("_", 1)
         meta = json.loads(meta_path.read_text())
-        gt = _load_image(meta_path.with_name(stem + ".gt.png"))[None]  # (1, 3, S, S)
-        mask = (_load_image(meta_path.with_name(stem + ".mask.png"))[:1] > 0)[None].float()
+        gt = _load_png(meta_path.with_name(stem + ".gt.png"))[None]  # (1, 3, S, S)
+        mask = (_load_png(meta_path.with_name(stem + ".mask.png"))[:1] > 0)[None].float()
         size = gt.shape[-1]
         if (pid, photo_stem) not in views:
             names = id2image[pid]["infer"] + id2image[pid]["ref"]
@@ -268,7 +255,7 @@ def headroom(run: str | Path, eval_dir: str | Path | None = None, draws: int = 2
         for method in methods:
             produced = eval_dir / method / pid / f"{stem}.png"
             if produced.exists():
-                fills[method] = [_load_image(produced)]
+                fills[method] = [_load_png(produced)]
         for name, model in samplers.items():  # the same noise for both rows, per sample
             fills[name] = [_fill(model, gt, mask, tokens[(name, pid)], guidance, ddim_steps,
                                  seed * 1_000_003 + k)]  # fmt: skip
