@@ -506,8 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     hr.add_argument("--run", required=True, help="a finished `pva demo --out` folder")
     hr.add_argument("--eval", default=None,
-                    help="a `pva evaluate` output on the run's shards (default: RUN/eval/seed*, "
-                         "the first)")  # fmt: skip
+                    help="a `pva evaluate` output on the run's shards (default: the first "
+                         "RUN/eval/seed*, which holds sd-inpaint, pva and pva-ft40; "
+                         "RUN/eval/cd-seed<k> holds Custom Diffusion's fills)")  # fmt: skip
     hr.add_argument(
         "--draws",
         type=int,

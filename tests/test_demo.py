@@ -128,7 +128,7 @@ def quick_demo(tmp_path_factory):
 
 
 def test_quick_demo_runs_every_stage_and_reports(quick_demo):
-    from pva.demo.run import QUICK, _label, method_rows
+    from pva.demo.run import QUICK, _label, cd_rows, method_rows
 
     out, _ = quick_demo
     state = json.loads((out / "demo.json").read_text())
@@ -141,34 +141,46 @@ def test_quick_demo_runs_every_stage_and_reports(quick_demo):
     assert list((out / "logs").rglob("events.out.tfevents.*"))
     assert (out / "grid.png").is_file()
     report = (out / "report.md").read_text()
-    for method in method_rows(QUICK):  # every table row, with a number in it
-        row = next(line for line in report.splitlines()
-                   if line.startswith(f"| {_label(method, QUICK)} |"))  # fmt: skip
-        assert re.search(r"\| \d\.\d{3} ± \d\.\d{3} \|", row), row
+    lines = report.splitlines()
+    cd_start = next(i for i, x in enumerate(lines) if x.startswith("## Custom Diffusion against"))
+    for method, part in [*((m, lines[:cd_start]) for m in method_rows(QUICK)),
+                         *((m, lines[cd_start:]) for m in cd_rows(QUICK))]:  # fmt: skip
+        row = next(line for line in part if line.startswith(f"| {_label(method, QUICK)}"))
+        assert re.search(r"\| \d\.\d{3} ± \d\.\d{3} \|", row), row  # a number in every row
     assert report.count("**holds**") + report.count("**does not hold**") == 4
     assert "python train.py fit --config" in report and "pva evaluate --data" in report
-    persons = {p.name for p in (out / "eval" / "seed0" / "_gt").iterdir()}
+    persons = [p.name for p in sorted((out / "eval" / "seed0" / "_gt").iterdir())]
     assert len(persons) == QUICK.eval_persons  # the seed's own test persons, named in the report
-    line = next(x for x in report.splitlines() if x.startswith("Test persons:"))
+    cd_persons = {p.name for p in (out / "eval" / "cd-seed0" / "_gt").iterdir()}
+    assert len(cd_persons) == QUICK.cd_persons and cd_persons < set(persons)
+    line = next(x for x in lines if x.startswith("Test persons:"))
     assert "seed 0: " in line and all(p in line for p in persons), line
-    command = next(x for x in report.splitlines() if x.startswith("pva evaluate --data"))
-    assert set(command.split("--persons ")[1].split()[0].split(",")) == persons
-    # the command, read by the real CLI parser, asks for what the demo ran
+    # the commands, read by the real CLI parser, ask for what the demo ran
     from pva.cli import build_parser
-    from pva.demo.run import GUIDANCE, _eval_kwargs
+    from pva.demo.run import GUIDANCE, _eval_kwargs, seed_persons
 
-    args = build_parser().parse_args(shlex.split(command.split(" --shard-index")[0])[1:])
-    ran = _eval_kwargs(out, QUICK, 0, sorted(persons))
-    assert args.guidance == ran["guidance"] == GUIDANCE
-    assert (args.steps, args.ft_steps, args.cd_steps, args.seed) == (
-        ran["steps"], ran["ft_steps"], ran["cd_steps"], ran["seed"])
-    assert args.ft_lr == pytest.approx(ran["ft_lr"])
-    assert args.cd_eval_steps == ",".join(map(str, ran["cd_eval_steps"]))
-    assert args.paste_back and args.no_edit and args.methods.split(",") == ran["methods"]
+    commands = [x for x in lines if x.startswith("pva evaluate --data")]
+    assert len(commands) == 2  # the main table's and Custom Diffusion's
+    ordered = seed_persons(out, QUICK, [0])[0]
+    for command, track, who in zip(commands, ("wide", "cd"), (set(persons), cd_persons)):
+        assert set(command.split("--persons ")[1].split()[0].split(",")) == who
+        args = build_parser().parse_args(shlex.split(command.split(" --shard-index")[0])[1:])
+        ran = _eval_kwargs(out, QUICK, 0, ordered, track)
+        assert args.out == ran["out"] and args.guidance == ran["guidance"] == GUIDANCE
+        assert (args.steps, args.ft_steps, args.seed) == (ran["steps"], ran["ft_steps"],
+                                                          ran["seed"])  # fmt: skip
+        assert args.ft_lr == pytest.approx(ran["ft_lr"])
+        assert args.paste_back and args.no_edit and args.methods.split(",") == ran["methods"]
+        assert args.persons.split(",") == ran["persons"]
+        if track == "cd":
+            assert args.cd_steps == ran["cd_steps"]
+            assert args.cd_eval_steps == ",".join(map(str, ran["cd_eval_steps"]))
     results = json.loads((out / "results.json").read_text())
     # paste-back: every method leaves every pixel outside the mask as it was
     for method in method_rows(QUICK):
         assert results["table"][method]["mean"]["outside_error"] == 0.0
+    for method in cd_rows(QUICK):
+        assert results["cd_table"][method]["mean"]["outside_error"] == 0.0
 
 
 def test_quick_demo_resumes_and_refuses_foreign_folders(quick_demo, tmp_path):

@@ -147,7 +147,8 @@ def headroom(run: str | Path, eval_dir: str | Path | None = None, draws: int = 2
         run: A ``pva demo --out`` folder (``data/annotation``, ``data/image`` and
             ``models/{backbone,face_score.pth}`` are used).
         eval_dir: A ``pva evaluate`` output on that run's shards (default: the first
-            ``RUN/eval/seed*``).
+            ``RUN/eval/seed*``, the demo's sd-inpaint, pva and pva-ft40 fills; Custom
+            Diffusion's are in ``RUN/eval/cd-seed<k>``).
         draws: Other persons whose hidden attributes each target is re-rendered with.
         seed: Seed of the choice of those persons and of the oracle row's sampling noise.
         oracle_steps: Stage-1 steps of the ``pva, oracle tokens`` row (0: no such row).

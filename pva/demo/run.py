@@ -9,9 +9,10 @@ Stages (each resumable: a finished stage is recorded in ``OUT/demo.json`` and sk
    conditioning recognizer) and ``face_score.pth`` (the scoring recognizer).
 3. ``stage1``: ``python train.py fit --config OUT/stage1.yaml`` (``configs/demo.yaml`` with this
    run's paths and steps): TensorBoard logs in ``OUT/logs``, adapter in ``OUT/adapter.safetensors``.
-4. ``evaluate``: ``pva evaluate`` on the held-out test persons for every seed, into
-   ``OUT/eval/seed<k>``: sd-inpaint, pva, pva-ft40 and custom-diffusion (scored after 40, 100 and
-   300 steps too), paste-back on, scored by ``face_score.pth``.
+4. ``evaluate``: ``pva evaluate`` on the held-out test persons for every seed, paste-back on,
+   scored by ``face_score.pth``: sd-inpaint, pva and pva-ft40 on the seed's 12 persons into
+   ``OUT/eval/seed<k>``, and pva-ft40 and custom-diffusion (scored after 40, 100 and 300 steps
+   too) on the first 2 of them into ``OUT/eval/cd-seed<k>``.
 5. ``report``: ``OUT/report.md`` (table over seeds, the claims checked, the commands) and
    ``OUT/grid.png``.
 """
@@ -48,7 +49,11 @@ class DemoSize:
     recognizer_steps: int
     stage1_steps: int
     eval_persons: int
-    """Test persons per evaluation seed (each seed its own; see :func:`seed_persons`)."""
+    """Test persons per evaluation seed (each seed its own; see :func:`seed_persons`) for
+    sd-inpaint, pva and pva-ft40."""
+    cd_persons: int
+    """The first of each seed's persons that Custom Diffusion (about 35 s per person on one
+    thread) is evaluated on, beside pva-ft40 on the same persons."""
     seeds: int
     ddim_steps: int
     ft_steps: int
@@ -57,12 +62,13 @@ class DemoSize:
 
 
 FULL = DemoSize(persons=300, infer_per_person=2, vae_steps=1200, unet_steps=2000,
-                recognizer_steps=150, stage1_steps=1200, eval_persons=2, seeds=3, ddim_steps=25,
-                ft_steps=40, cd_steps=1000, cd_eval_steps=(40, 100, 300))  # fmt: skip
+                recognizer_steps=150, stage1_steps=1200, eval_persons=12, cd_persons=2, seeds=3,
+                ddim_steps=25, ft_steps=40, cd_steps=1000,
+                cd_eval_steps=(40, 100, 300))  # fmt: skip
 """The full run: the paper's step counts for personalization (40) and Custom Diffusion (1000)."""
 QUICK = DemoSize(persons=60, infer_per_person=1, vae_steps=60, unet_steps=60,
-                 recognizer_steps=40, stage1_steps=20, eval_persons=2, seeds=1, ddim_steps=5,
-                 ft_steps=40, cd_steps=60, cd_eval_steps=(10, 40))  # fmt: skip
+                 recognizer_steps=40, stage1_steps=20, eval_persons=3, cd_persons=2, seeds=1,
+                 ddim_steps=5, ft_steps=40, cd_steps=60, cd_eval_steps=(10, 40))  # fmt: skip
 """``--quick``: every stage end to end in a few minutes; too short for the claims to show."""
 IMAGE_SIZE = 64
 SOURCE_SIZE = 128
@@ -240,11 +246,25 @@ def seed_persons(out: Path, size: DemoSize, seeds: list[int]) -> dict[int, list[
     return {s: ids[k * p : (k + 1) * p] for k, s in enumerate(seeds)}
 
 
-def _eval_kwargs(out: Path, size: DemoSize, seed: int, persons: list[str]) -> dict:
+TRACKS = ("wide", "cd")
+"""The evaluation's two parts per seed: ``wide`` (sd-inpaint, pva and pva-ft40 on the seed's
+``eval_persons``, in ``OUT/eval/seed<k>``) and ``cd`` (pva-ft40 and Custom Diffusion on the first
+``cd_persons`` of them, in ``OUT/eval/cd-seed<k>``)."""
+
+
+def eval_dir(out: Path, seed: int, track: str) -> Path:
+    """Where a seed's ``track`` (:data:`TRACKS`) of the evaluation is written."""
+    return out / "eval" / (f"seed{seed}" if track == "wide" else f"cd-seed{seed}")
+
+
+def _eval_kwargs(out: Path, size: DemoSize, seed: int, persons: list[str],
+                 track: str = "wide") -> dict:  # fmt: skip
+    """``pva evaluate``'s arguments for one seed's ``track`` (``persons``: the seed's all)."""
+    methods = method_rows(size) if track == "wide" else ["pva-ft40", "custom-diffusion"]
     return {
         "data": str(out / "shards"),
-        "out": str(out / "eval" / f"seed{seed}"),
-        "methods": ["sd-inpaint", "pva", "pva-ft40", "custom-diffusion"],
+        "out": str(eval_dir(out, seed, track)),
+        "methods": methods,
         "adapter": str(out / "adapter.safetensors"),
         "recognizer": str(out / "models" / "face_score.pth"),
         "steps": size.ddim_steps,
@@ -255,17 +275,20 @@ def _eval_kwargs(out: Path, size: DemoSize, seed: int, persons: list[str]) -> di
         "guidance": GUIDANCE,
         "edit": False,
         "paste_back": True,
-        "persons": persons,
+        "persons": persons if track == "wide" else persons[: size.cd_persons],
         "seed": seed,
     }
 
 
 def _eval_command(kw: dict) -> str:
+    cd = ""
+    if "custom-diffusion" in kw["methods"]:
+        cd = (f" --cd-steps {kw['cd_steps']} "
+              f"--cd-eval-steps {','.join(map(str, kw['cd_eval_steps']))}")  # fmt: skip
     return (
         f"pva evaluate --data {kw['data']} --out {kw['out']} --methods {','.join(kw['methods'])} "
         f"--adapter {kw['adapter']} --recognizer {kw['recognizer']} --steps {kw['steps']} "
-        f"--ft-steps {kw['ft_steps']} --cd-steps {kw['cd_steps']} "
-        f"--cd-eval-steps {','.join(map(str, kw['cd_eval_steps']))} --ft-lr {kw['ft_lr']:g} "
+        f"--ft-steps {kw['ft_steps']}{cd} --ft-lr {kw['ft_lr']:g} "
         f"--guidance {kw['guidance']:g} --no-edit --paste-back "
         f"--persons {','.join(kw['persons'])} --seed {kw['seed']}"
     )
@@ -280,25 +303,27 @@ def _eval_shard(kw: dict, shard: int, shards: int) -> None:
 
 
 def _stage_evaluate(out: Path, size: DemoSize, seeds: list[int], workers: int) -> dict:
-    """``pva evaluate`` per seed; persons dealt to ``workers`` processes (one thread each).
+    """``pva evaluate`` per seed and track; persons dealt to ``workers`` one-thread processes.
 
-    The workers are started once for all seeds and run every seed's shares; each seed is then
-    scored here. On Linux they are forked from this process (imports already done: a fresh
-    ``pva evaluate`` spends ~8 s importing torch and diffusers); elsewhere, where forking a
-    process that has run torch is unsafe or impossible, they are spawned. The report gives the
-    equivalent ``pva evaluate`` commands.
+    The workers are started once for all seeds and tracks and run every share (Custom
+    Diffusion's, the longest, first); each seed's two folders are then scored here. On Linux
+    they are forked from this process (imports already done: a fresh ``pva evaluate`` spends ~8 s
+    importing torch and diffusers); elsewhere, where forking a process that has run torch is
+    unsafe or impossible, they are spawned. The report gives the equivalent ``pva evaluate``
+    commands.
     """
     import multiprocessing
 
     from pva.evaluate import evaluate
 
     persons = seed_persons(out, size, seeds)
-    kws = {s: _eval_kwargs(out, size, s, persons[s]) for s in seeds}
-    commands = {s: _eval_command(kw) for s, kw in kws.items()}
-    for s in seeds:
-        print(f"evaluate, seed {s}: {commands[s]}", flush=True)
+    jobs = [(s, t) for t in reversed(TRACKS) for s in seeds]  # cd first: the long shares
+    kws = {(s, t): _eval_kwargs(out, size, s, persons[s], t) for s, t in jobs}
+    commands = {job: _eval_command(kw) for job, kw in kws.items()}
+    for (s, t), command in commands.items():
+        print(f"evaluate, seed {s} ({t}): {command}", flush=True)
     if workers > 1:
-        tasks = [(kws[s], k, workers) for s in seeds for k in range(workers)]
+        tasks = [(kws[job], k, workers) for job in jobs for k in range(workers)]
         method = "fork" if sys.platform.startswith("linux") else "spawn"
         with multiprocessing.get_context(method).Pool(workers) as pool:
             try:
@@ -306,19 +331,24 @@ def _stage_evaluate(out: Path, size: DemoSize, seeds: list[int], workers: int) -
             except Exception as e:
                 raise RuntimeError(f"pva evaluate failed in a worker ({e}); the commands: "
                                    + "; ".join(commands.values())) from e  # fmt: skip
-        for s in seeds:
-            commands[s] += (f" --shard-index K --num-shards {workers}  # K = 0..{workers - 1} in "
-                            f"parallel, then once without these two flags to score")  # fmt: skip
-    for s in seeds:
-        evaluate(**kws[s])  # generates what is missing (nothing after the workers), then scores
-    return {"commands": [commands[s] for s in seeds]}
+        for job in jobs:
+            commands[job] += (f" --shard-index K --num-shards {workers}  # K = 0.."
+                              f"{workers - 1} in parallel, then once without these two flags "
+                              f"to score")  # fmt: skip
+    for job in jobs:
+        evaluate(**kws[job])  # generates what is missing (nothing after the workers), then scores
+    return {"commands": [commands[(s, t)] for s in seeds for t in TRACKS]}
 
 
 # ------------------------------------------------------------------------------------ report
 def method_rows(size: DemoSize) -> list[str]:
-    """Table rows in order: baselines, PVA, Custom Diffusion by step count."""
-    cd = [f"custom-diffusion@{k}" for k in size.cd_eval_steps]
-    return ["sd-inpaint", "pva", "pva-ft40", *cd, "custom-diffusion"]
+    """Rows of the main table (every seed's ``eval_persons``): the baseline and PVA."""
+    return ["sd-inpaint", "pva", "pva-ft40"]
+
+
+def cd_rows(size: DemoSize) -> list[str]:
+    """Rows of the Custom Diffusion table (``cd_persons``): pva-ft40, then CD by step count."""
+    return ["pva-ft40", *(f"custom-diffusion@{k}" for k in size.cd_eval_steps), "custom-diffusion"]
 
 
 def _label(method: str, size: DemoSize) -> str:
@@ -342,15 +372,16 @@ def _pooled(entry: dict, key: str) -> float:
     return num / den if den else float("nan")
 
 
-def collect(out: Path, size: DemoSize, seeds: list[int]) -> dict:
-    """Per method: per-seed pooled metrics, and mean / std over seeds."""
+def collect(out: Path, size: DemoSize, seeds: list[int], track: str = "wide") -> dict:
+    """Per method of a track: per-seed pooled metrics, and mean / std over seeds."""
     table: dict = {}
-    for method in method_rows(size):
+    rows = method_rows(size) if track == "wide" else cd_rows(size)
+    for method in rows:
         per_seed: dict[str, list[float]] = {"identity_sim": [], "masked_error": [], "psnr": [],
                                             "outside_error": [], "adapt_s": []}  # fmt: skip
         per_mask: dict[str, list[float]] = {}
         for s in seeds:
-            path = out / "eval" / f"seed{s}" / "results.json"
+            path = eval_dir(out, s, track) / "results.json"
             entry = json.loads(path.read_text())["methods"].get(method, {}) if path.exists() else {}
             for key in ("identity_sim", "masked_error", "psnr", "outside_error"):
                 per_seed[key].append(_pooled(entry, key))
@@ -368,33 +399,55 @@ def collect(out: Path, size: DemoSize, seeds: list[int]) -> dict:
     return table
 
 
-def check_claims(table: dict, size: DemoSize) -> list[tuple[str, bool, str]]:
-    """The issue's four claims, each with whether it holds and the numbers behind it."""
+def check_claims(table: dict, cd_table: dict, size: DemoSize) -> list[tuple[str, bool, str]]:
+    """The issue's four claims, each with whether it holds and the numbers behind it.
+
+    ``table`` is :func:`collect`'s main table and ``cd_table`` its Custom Diffusion table, where
+    Custom Diffusion is compared with pva-ft40 on the same persons. "Clearly" above / below is
+    taken as: in the mean over seeds and in every seed.
+    """
     m = {k: v["mean"] for k, v in table.items()}
     sd, pva, ft = m["sd-inpaint"], m["pva"], m["pva-ft40"]
+    per_seed = {k: v["seeds"] for k, v in table.items()}
+    n = len(per_seed["pva"]["identity_sim"])
+    above = sum(a > b for a, b in zip(per_seed["pva"]["identity_sim"],
+                                      per_seed["sd-inpaint"]["identity_sim"]))  # fmt: skip
+    below = sum(a < b for a, b in zip(per_seed["pva"]["masked_error"],
+                                      per_seed["sd-inpaint"]["masked_error"]))  # fmt: skip
     claims = []
-    ok = pva["identity_sim"] > sd["identity_sim"] and pva["masked_error"] < sd["masked_error"]
-    claims.append(("pva zero-shot: identity above sd-inpaint and masked-region error below", ok,
-                   f"identity {pva['identity_sim']:.3f} vs {sd['identity_sim']:.3f}; error "
-                   f"{pva['masked_error']:.4f} vs {sd['masked_error']:.4f}"))  # fmt: skip
+    ok = (pva["identity_sim"] > sd["identity_sim"] and pva["masked_error"] < sd["masked_error"]
+          and above == below == n)  # fmt: skip
+    claims.append(("pva zero-shot: identity clearly above sd-inpaint and masked-region error "
+                   "clearly below (in the mean and in every seed)", ok,
+                   f"identity {pva['identity_sim']:.3f} vs {sd['identity_sim']:.3f}, above in "
+                   f"{above} of {n} seeds; error {pva['masked_error']:.4f} vs "
+                   f"{sd['masked_error']:.4f}, below in {below} of {n}"))  # fmt: skip
     ok = ft["identity_sim"] >= pva["identity_sim"]
     claims.append(("pva-ft40 at or above pva zero-shot", ok,
                    f"identity {ft['identity_sim']:.3f} vs {pva['identity_sim']:.3f}"))
+    c = {k: v["mean"] for k, v in cd_table.items()}
+    target = c["pva-ft40"]["identity_sim"]
     reach = None
     for k in (*size.cd_eval_steps, size.cd_steps):
         key = "custom-diffusion" if k == size.cd_steps else f"custom-diffusion@{k}"
-        if m[key]["identity_sim"] >= ft["identity_sim"]:
+        if c[key]["identity_sim"] >= target:
             reach = k
             break
     ok = reach is None or reach >= 10 * size.ft_steps
     where = "never within " + str(size.cd_steps) if reach is None else f"first at {reach}"
     claims.append((f"custom-diffusion needs >= 10x the {size.ft_steps} steps of pva-ft40 to reach "
-                   f"its identity", ok, f"reaches {ft['identity_sim']:.3f}: {where} steps "
+                   f"its identity (on the same {size.cd_persons} persons per seed)", ok,
+                   f"reaches {target:.3f}: {where} steps "
                    f"(scored at {', '.join(map(str, size.cd_eval_steps))}, {size.cd_steps})"))
-    worst = max(v["outside_error"] for v in m.values())
+    worst = max(v["mean"]["outside_error"] for t in (table, cd_table) for v in t.values())
     claims.append(("no method changes pixels outside the mask (paste-back on)", worst == 0.0,
                    f"largest outside-mask error {worst:.6f}"))
     return claims
+
+
+def grid_columns(size: DemoSize) -> list[str]:
+    """The methods of the grid, in order: the main table's, then Custom Diffusion's by step."""
+    return [*method_rows(size), *cd_rows(size)[1:]]
 
 
 def _grid(out: Path, size: DemoSize, seed: int, rows: int = 4) -> Path | None:
@@ -403,7 +456,7 @@ def _grid(out: Path, size: DemoSize, seed: int, rows: int = 4) -> Path | None:
 
     from datamodules.shards import ShardDataModule, decode_jpeg
 
-    ev = out / "eval" / f"seed{seed}"
+    ev = eval_dir(out, seed, "cd")  # persons with every method's fills
     gts = sorted((ev / "_gt").glob("*/*.gt.png"))
     picked, persons = [], set()
     for g in gts:  # one sample per person first, then any
@@ -426,8 +479,9 @@ def _grid(out: Path, size: DemoSize, seed: int, rows: int = 4) -> Path | None:
         gt, mask = load(g), load(g.with_name(stem + ".mask.png"))[..., :1] > 127
         masked = np.where(mask, 255, gt).astype(np.uint8)
         cells = [masked]
-        for method in method_rows(size):
-            p = ev / method / g.parent.name / f"{stem}.png"
+        for method in grid_columns(size):
+            p = eval_dir(out, seed, "wide" if method in method_rows(size) else "cd")
+            p = p / method / g.parent.name / f"{stem}.png"
             cells.append(load(p) if p.exists() else np.zeros_like(gt))
         cells.append(gt)
         rec = refs.get(g.parent.name)
@@ -448,44 +502,56 @@ def _grid(out: Path, size: DemoSize, seed: int, rows: int = 4) -> Path | None:
 def write_report(out: Path, size: DemoSize, seeds: list[int], state: dict) -> Path:
     """``OUT/report.md``: results over seeds, the claims, the grid and every command."""
     table = collect(out, size, seeds)
-    claims = check_claims(table, size)
+    cd_table = collect(out, size, seeds, "cd")
+    claims = check_claims(table, cd_table, size)
     grid = _grid(out, size, seeds[0])
     done = state["done"]
     settings = state["settings"]
     n = len(seeds)
     persons = seed_persons(out, size, seeds)
+    over = f"mean ± std over {n} seed{'s' if n > 1 else ''}"
+    header = ["| method | identity sim | masked-region error | masked PSNR (dB) | "
+              "outside-mask error | adaptation s / person |", "|---|---|---|---|---|---|"]
     lines = [
         "# `pva demo`: PVA in miniature", "",
         f"Run: `{state['command']}` ({'quick' if settings['quick'] else 'full'}; seed "
         f"{settings['seed']}; evaluation seeds {', '.join(map(str, seeds))}).",
         f"Test persons: each seed evaluates its own {size.eval_persons} "
         f"({'; '.join(f'seed {s}: ' + ', '.join(p) for s, p in persons.items())}), "
-        f"{len(seeds) * size.eval_persons} in all; each target under 4 masks (lowerface, "
-        f"eyebrow, wholeface, random); DDIM {size.ddim_steps} steps, eta 1, guidance {GUIDANCE:g}, "
-        f"paste-back on. Identity: cosine similarity to the ground truth under the scoring "
-        f"recognizer (`models/face_score.pth`), never the conditioning one.", "",
-        f"## Results (mean ± std over {n} seed{'s' if n > 1 else ''}; each seed's value pools "
-        f"every mask and test sample)", "",
-        "| method | identity sim | masked-region error | masked PSNR (dB) | outside-mask error | "
-        "adaptation s / person |",
-        "|---|---|---|---|---|---|",
+        f"{len(seeds) * size.eval_persons} in all; Custom Diffusion, which fine-tunes for "
+        f"{size.cd_steps} steps per person, runs on the first {size.cd_persons} of each seed's "
+        f"persons. Each target under 4 masks (lowerface, eyebrow, wholeface, random); DDIM "
+        f"{size.ddim_steps} steps, eta 1, guidance {GUIDANCE:g}, paste-back on. Identity: cosine "
+        f"similarity to the ground truth under the scoring recognizer (`models/face_score.pth`), "
+        f"never the conditioning one.", "",
+        f"## Results ({over}; each seed's value pools every mask and target of its "
+        f"{size.eval_persons} persons)", "", *header,
     ]  # fmt: skip
-    for method in method_rows(size):
-        mean, std = table[method]["mean"], table[method]["std"]
 
-        def cell(key: str, fmt: str, mean=mean, std=std) -> str:
+    def row(entry: dict, label: str) -> str:
+        mean, std = entry["mean"], entry["std"]
+
+        def cell(key: str, fmt: str) -> str:
             if not math.isfinite(mean[key]):
                 return "-"
             return (fmt + " ± " + fmt).format(mean[key], std[key])
 
-        lines.append(f"| {_label(method, size)} | {cell('identity_sim', '{:.3f}')} | "
-                     f"{cell('masked_error', '{:.4f}')} | {cell('psnr', '{:.2f}')} | "
-                     f"{cell('outside_error', '{:.4f}')} | {cell('adapt_s', '{:.1f}')} |")
+        return (f"| {label} | {cell('identity_sim', '{:.3f}')} | "
+                f"{cell('masked_error', '{:.4f}')} | {cell('psnr', '{:.2f}')} | "
+                f"{cell('outside_error', '{:.4f}')} | {cell('adapt_s', '{:.1f}')} |")  # fmt: skip
+
+    lines += [row(table[m], _label(m, size)) for m in method_rows(size)]
+    lines += ["", f"## Custom Diffusion against pva-ft40 ({over}; the first {size.cd_persons} "
+              f"persons of each seed, the same for every row)", "", *header]  # fmt: skip
+    lines += [row(cd_table[m], _label(m, size) + (", same persons" if m == "pva-ft40" else ""))
+              for m in cd_rows(size)]  # fmt: skip
     masks = ["lowerface", "eyebrow", "wholeface", "random"]
-    lines += ["", "Identity similarity by mask (mean over seeds):", "",
-              "| method | " + " | ".join(masks) + " |", "|---|" + "---|" * len(masks)]
-    for method in method_rows(size):
-        by = table[method]["identity_by_mask"]
+    lines += ["", "Identity similarity by mask (mean over seeds; Custom Diffusion on its "
+              "persons):", "", "| method | " + " | ".join(masks) + " |",
+              "|---|" + "---|" * len(masks)]  # fmt: skip
+    for method, entry in [*((m, table[m]) for m in method_rows(size)),
+                          *((m, cd_table[m]) for m in cd_rows(size)[1:])]:  # fmt: skip
+        by = entry["identity_by_mask"]
         lines.append(f"| {_label(method, size)} | "
                      + " | ".join(f"{by[k]:.3f}" if k in by else "-" for k in masks) + " |")
     lines += ["", "## The paper's claims, checked on these numbers", ""]
@@ -496,22 +562,23 @@ def write_report(out: Path, size: DemoSize, seeds: list[int], state: dict) -> Pa
                      "pipeline runs end to end, and its numbers are not evidence either way.")
     else:
         lines.append(
-            "- Known limitation: 2 test persons per seed make every margin noisy, and the "
-            "zero-shot gain is small in this miniature; BENCHMARKS.md (`pva demo`) has four "
-            "stage-0 draws (`--seed 0` to `3`), checks on 16 test persons, why the "
-            "evaluation uses guidance 1, and a measured weakness of the stand-in: its UNet "
-            "barely follows its text, so the text attention that PVA copies starts from little "
-            f"(`pva bench text-use --run {out}` measures it on this run). `pva bench headroom "
-            f"--run {out} --oracle-steps {size.stage1_steps}` puts the fills beside exact renders "
-            "(what the hidden attributes are worth to the scorer) and beside PVA given the true "
-            "attributes instead of face embeddings: on `--seed 0` those oracle tokens did no "
-            "better than the references, so the stand-in UNet's rendering, not the identity "
-            "encoder, limits the zero-shot gain."
+            f"- Known limitations: Custom Diffusion (about 35 s per person on one thread) runs "
+            f"on {size.cd_persons} persons per seed, so its comparison with pva-ft40 is the "
+            "noisiest one here; and the zero-shot gain is small next to what 40 fine-tuning "
+            "steps add. BENCHMARKS.md (`pva demo`) has four stage-0 draws (`--seed 0` to `3`), "
+            "why the evaluation uses guidance 1, and a measured weakness of the stand-in: its "
+            "UNet barely follows its text, so the text attention that PVA copies starts from "
+            f"little (`pva bench text-use --run {out}` measures it on this run). `pva bench "
+            f"headroom --run {out} --oracle-steps {size.stage1_steps}` puts the fills beside "
+            "exact renders (what the hidden attributes are worth to the scorer) and beside PVA "
+            "given the true attributes instead of face embeddings: on `--seed 0` those oracle "
+            "tokens did no better than the references, so the stand-in UNet's rendering, not "
+            "the identity encoder, limits the zero-shot gain."
         )
     lines += ["", "What this is and is not: the stand-ins are minutes old, so every fill is blurry "
               "and colour-shifted (see the VAE error below and the grid); the table compares "
-              "methods on the same frozen stand-ins and, within a seed, the same test "
-              "persons, not image quality. The seeds vary the test persons, sampling and "
+              "methods on the same frozen stand-ins and, within a table and seed, the same "
+              "test persons, not image quality. The seeds vary the test persons, sampling and "
               "fine-tuning noise; the data, stage 0 and stage 1 are trained once "
               "(`--seed`)."]  # fmt: skip
     stage0 = done.get("stage0", {})
@@ -524,8 +591,9 @@ def write_report(out: Path, size: DemoSize, seeds: list[int], state: dict) -> Pa
     if grid is not None:
         lines += ["", "## Grid (seed " + str(seeds[0]) + ")", "",
                   "Columns: masked input | " + " | ".join(_label(m, size)
-                                                          for m in method_rows(size))
-                  + " | ground truth | references.", "", "![grid](grid.png)"]  # fmt: skip
+                                                          for m in grid_columns(size))
+                  + " | ground truth | references (Custom Diffusion's persons).", "",
+                  "![grid](grid.png)"]  # fmt: skip
     lines += ["", "## Time per stage (seconds, this machine)", "", "| stage | seconds |",
               "|---|---|"]  # fmt: skip
     for stage in STAGES[:-1]:
@@ -543,7 +611,8 @@ def write_report(out: Path, size: DemoSize, seeds: list[int], state: dict) -> Pa
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines))
     with atomic_path(out / "results.json") as tmp:
-        tmp.write_text(json.dumps({"table": table, "claims": [list(c) for c in claims]}, indent=1))
+        tmp.write_text(json.dumps({"table": table, "cd_table": cd_table,
+                                   "claims": [list(c) for c in claims]}, indent=1))
     return path
 
 
