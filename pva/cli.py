@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
             "small stand-ins for SD2-inpainting and ArcFace, trains PVA with train.py, evaluates "
             "sd-inpaint / pva / pva-ft40 / custom-diffusion on held-out persons with pva "
             "evaluate, and writes OUT/report.md. Resumable: finished stages are skipped. "
-            "About 14 minutes on 2 CPU cores (measured on an AMD EPYC; slower 2-core machines "
+            "About 15 minutes on 2 CPU cores (measured on an AMD EPYC; slower 2-core machines "
             "took 16-25 with half this stage 1); --quick about 3."
         ),
     )
