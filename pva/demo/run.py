@@ -375,14 +375,17 @@ def _pooled(entry: dict, key: str) -> float:
 def collect(out: Path, size: DemoSize, seeds: list[int], track: str = "wide") -> dict:
     """Per method of a track: per-seed pooled metrics, and mean / std over seeds."""
     table: dict = {}
+    results = []  # each seed's scored methods, read once
+    for s in seeds:
+        path = eval_dir(out, s, track) / "results.json"
+        results.append(json.loads(path.read_text())["methods"] if path.exists() else {})
     rows = method_rows(size) if track == "wide" else cd_rows(size)
     for method in rows:
         per_seed: dict[str, list[float]] = {"identity_sim": [], "masked_error": [], "psnr": [],
                                             "outside_error": [], "adapt_s": []}  # fmt: skip
         per_mask: dict[str, list[float]] = {}
-        for s in seeds:
-            path = eval_dir(out, s, track) / "results.json"
-            entry = json.loads(path.read_text())["methods"].get(method, {}) if path.exists() else {}
+        for methods in results:
+            entry = methods.get(method, {})
             for key in ("identity_sim", "masked_error", "psnr", "outside_error"):
                 per_seed[key].append(_pooled(entry, key))
             adapt = entry.get("seconds", {}).get("adapt_s_per_person")
