@@ -143,6 +143,11 @@ class DecodedCache:
         return to_unit_range(pixels)
 
 
+def toggle_flip(key: str) -> str:
+    """The cache key of a photo key's mirror image (``x`` <-> ``x/flip``)."""
+    return key.removesuffix("/flip") if key.endswith("/flip") else key + "/flip"
+
+
 def _rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -159,6 +164,8 @@ class PersonStream(IterableDataset):
         max_refs: Largest K; a training batch draws K from ``min_refs..max_refs``.
         min_refs: Smallest K.
         flip_ref_prob: Probability of appending a flipped copy of a sample's last reference.
+        ref_hflip_prob: Probability of flipping each training reference (the reference code's
+            ``flip_p=0.5``, ``lib/dataset.py:428-430``).
         hflip_prob: Probability of flipping the training target.
         caption_prob: Probability of ``template + ". " + caption`` instead of the template.
         reference_view: ``aligned``: 112x112 ArcFace-aligned crops (use with
@@ -185,6 +192,7 @@ class PersonStream(IterableDataset):
         caption_prob: float = 0.5,
         reference_view: ReferenceView = "aligned",
         batches_per_epoch: int = 1000,
+        ref_hflip_prob: float = 0.5,
         eval_masks: tuple[str, ...] = EVAL_MASKS,
         seed: int = 0,
         rank: int = 0,
@@ -201,6 +209,7 @@ class PersonStream(IterableDataset):
             hflip_prob,
             caption_prob,
         )
+        self.ref_hflip_prob = ref_hflip_prob
         self.reference_view: ReferenceView = reference_view
         self.batches_per_epoch, self.eval_masks, self.seed = batches_per_epoch, eval_masks, seed
         self.rank, self.world_size = rank, world_size
@@ -261,14 +270,21 @@ class PersonStream(IterableDataset):
             mask_np, region = eval_mask(mask_kind, size, boxes, rng), mask_kind
             prompt = TEMPLATE.format("<new1>")
         mask = torch.from_numpy(mask_np).float()[None]  # (1, S, S)
+        references, reference_keys = [], []
+        for i in refs:
+            ref, key = self._reference(person, i), f"{person.key}/{i}"
+            if mask_kind is None and rng.random() < self.ref_hflip_prob:  # training only
+                ref, key = ref.flip(-1), key + "/flip"
+            references.append(ref)
+            reference_keys.append(key)
         return {
             "image": image,
             "mask": mask,
             "masked_image": image * (mask < 0.5),
-            "references": [self._reference(person, i) for i in refs],
+            "references": references,
             # what identifies the pixels (for PVAModule's cache_encodings): record, photo, flip
             "image_key": f"{person.key}/{t}" + ("/flip" if flipped else ""),
-            "reference_keys": [f"{person.key}/{i}" for i in refs],
+            "reference_keys": reference_keys,
             "prompt": prompt,
             "person": person.meta["person"],
             "file": entry["file"],
@@ -342,7 +358,7 @@ class PersonStream(IterableDataset):
         for s in samples:
             refs, keys = s["references"][:k], s["reference_keys"][:k]
             if self.train and refs and rng.random() < self.flip_ref_prob:
-                refs, keys = refs + [refs[-1].flip(-1)], keys + [keys[-1] + "/flip"]
+                refs, keys = refs + [refs[-1].flip(-1)], keys + [toggle_flip(keys[-1])]
             ref_lists.append(refs)
             key_lists.append(keys)
         width = max(1, max(len(r) for r in ref_lists))
@@ -417,6 +433,8 @@ class ShardDataModule(L.LightningDataModule):
             ``min_refs..max_refs`` in training; evaluation uses up to ``max_refs``.
         min_refs: Smallest K (paper: 1).
         flip_ref_prob: Probability of appending a flipped copy of the last reference (0.2).
+        ref_hflip_prob: Probability of flipping each training reference (0.5, the reference
+            code's ``flip_p``).
         hflip_prob: Probability of flipping a training target (0.5).
         caption_prob: Probability of appending the caption to the prompt (0.5).
         reference_view: ``aligned`` (112x112 ArcFace-aligned crops; set the model's
@@ -446,6 +464,7 @@ class ShardDataModule(L.LightningDataModule):
         num_workers: int = 2,
         seed: int = 0,
         decode_cache_mb: float = 0.0,
+        ref_hflip_prob: float = 0.5,
     ) -> None:
         super().__init__()
         if decode_cache_mb < 0:
@@ -492,6 +511,7 @@ class ShardDataModule(L.LightningDataModule):
             rank=rank,
             world_size=world,
             decode_cache_mb=hp.decode_cache_mb,
+            ref_hflip_prob=hp.ref_hflip_prob,
         )
 
     def _loader(self, split: str, train: bool) -> DataLoader:

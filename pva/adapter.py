@@ -34,7 +34,7 @@ from pva.model import PVAConfig, PVAModel
 
 ADAPTER_FORMAT = "pva-adapter"
 ADAPTER_VERSION = 1
-_CROSSQKV = (".attn2.to_q.", ".attn2.to_k.", ".attn2.to_v.")
+_CROSSQKV = (".attn2.to_q.", ".attn2.to_k.", ".attn2.to_v.", ".attn2.to_out.0.")
 _GROUP_PREFIXES = {
     "projection": "identity_encoder.projection.",
     "token": "modifier_token.",
@@ -78,7 +78,7 @@ def save_adapter(
         model: The PVA model.
         path: Destination ``.safetensors`` file.
         overwrite: Replace an existing file.
-        extra_keys: More ``state_dict`` keys to store (CrossQKV-FT's ``attn2.to_{q,k,v}``).
+        extra_keys: More ``state_dict`` keys to store (CrossQKV-FT's ``attn2.to_{q,k,v,out.0}``).
         paths: Optional ``{"backbone": ..., "face_model": ...}`` recorded in the header, so
             ``pva inpaint`` can find them; default: the paths the model was loaded from.
 

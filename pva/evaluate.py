@@ -2,8 +2,8 @@
 
 For every person of a split (``--shard-index`` / ``--num-shards`` deal persons to processes) and
 every method, each target photo is inpainted under each evaluation mask (lowerface, eyebrow,
-wholeface, random) with fixed seeds; the editing track inpaints each person's first target under
-the wholeface mask with the 15 editing prompts. Outputs are PNGs at stable paths::
+wholeface, random) with fixed seeds; the editing track inpaints each person's first target (every
+target with ``protocol="paper"``) under the wholeface mask with the 15 editing prompts. Outputs are PNGs at stable paths::
 
     OUT/<method>/<person>/<photo>_<mask>.png          inpainting track
     OUT/<method>/<person>/edit/<photo>_<k>.png        editing track, prompt k
@@ -19,8 +19,9 @@ of edits (with ``clip_weights``), and seconds of adaptation per person and sampl
 
 Methods: ``sd-inpaint`` (the frozen backbone, ``photo of a person``, no references), ``pva``
 (zero-shot), ``pva-ft40`` / ``crossqkv-ft40`` (METHOD 7, ``ft_steps``), ``custom-diffusion``
-(attention K/V + token, ``cd_steps``, no identity tokens; with ``cd_eval_steps`` also scored
-after fewer steps, as ``custom-diffusion@<steps>``, from the same fine-tuning run).
+(every cross-attention weight + token, or K/V only with ``cd_params="crossattn_kv"``,
+``cd_steps``, no identity tokens; with ``cd_eval_steps`` also scored after fewer steps, as
+``custom-diffusion@<steps>``, from the same fine-tuning run).
 """
 
 from __future__ import annotations
@@ -52,17 +53,23 @@ from pva.metrics import (
 )
 from pva.model import TEMPLATE, UNCOND_PROMPT, PVAModel
 from pva.personalize import personalized
-from pva.recognizers import build_recognizer
+from pva.recognizers import PaperIdentityScorer, build_recognizer
 from pva.sampling import ddim_inpaint
 
 METHODS = ("sd-inpaint", "pva", "pva-ft40", "crossqkv-ft40", "custom-diffusion")
 EDIT_SUFFIXES = (
     "laughing", "serious", "smiling", "looking sad", "angry", "surprised", "has beard",
     "with heavy makeup", "wearing lipstick", "making a funny face", "putting the tongue out",
-    "singing with a microphone", "smoking a cigarette", "wearing eyeglasses", "wearing sunglasses",
+    "singing with a microphone", "smoking, has a cigarette", "wearing eyeglasses",
+    "wearing sunglasses",
 )  # fmt: skip
-"""The 15 editing prompts of METHOD section 8: ``photo of a <new1> person, <suffix>``."""
+"""The 15 editing prompts of METHOD section 8 (``lib/dataset.py:11-27``):
+``photo of a <new1> person, <suffix>``."""
 _FT = {"pva-ft40": "pva", "crossqkv-ft40": "crossqkv", "custom-diffusion": "custom-diffusion"}
+PROTOCOLS = ("ours", "paper")
+"""``pva evaluate --protocol``: ``ours`` or ``paper`` (see :func:`evaluate`)."""
+CD_PARAMS = {"crossattn": "custom-diffusion", "crossattn_kv": "custom-diffusion-kv"}
+"""``--cd-params``: what Custom Diffusion fine-tunes (``cd_train.py --freeze_model``)."""
 
 
 def _png(path: Path, image: torch.Tensor) -> None:
@@ -88,7 +95,8 @@ class Evaluator:
     def __init__(self, model: PVAModel, out: Path, guidance: float, edit_guidance: float,
                  steps: int, eta: float, ft_steps: int, cd_steps: int, seed: int,
                  paste_back: bool, batch_size: int,
-                 cd_eval_steps: Sequence[int] = (), ft_lr: float = 1e-5) -> None:  # fmt: skip
+                 cd_eval_steps: Sequence[int] = (), ft_lr: float = 1e-5,
+                 cd_variant: str = "custom-diffusion") -> None:  # fmt: skip
         self.model, self.out = model.eval(), out
         self.guidance, self.edit_guidance, self.steps, self.eta = (
             guidance,
@@ -99,6 +107,7 @@ class Evaluator:
         self.ft_steps, self.cd_steps, self.seed = ft_steps, cd_steps, seed
         self.cd_eval_steps = tuple(k for k in cd_eval_steps if 0 < k < cd_steps)
         self.ft_lr = ft_lr
+        self.variants = {**_FT, "custom-diffusion": cd_variant}
         self.paste_back, self.batch_size = paste_back, batch_size
         self.generated = 0
         self.prior: Callable[[torch.Generator], dict] | None = None  # custom-diffusion only
@@ -132,20 +141,23 @@ class Evaluator:
         for s, o in zip(samples, outs):
             _png(self.out / method / pid / f"{_stem(s)}_{s['mask_region']}.png", o)
 
-    def person(self, method: str, person: dict, samples: list[dict], edit: dict | None,
+    def person(self, method: str, person: dict, samples: list[dict], edits: list[dict],
                timings: dict) -> None:  # fmt: skip
         """Generate the missing outputs of one person for one method.
+
+        ``edits``: the wholeface samples of the editing track (each gets the 15 prompts).
 
         For ``custom-diffusion`` with ``cd_eval_steps``, the inpainting track is also sampled
         after those fine-tuning steps, as method ``custom-diffusion@<steps>``.
         """
         pid = person["person"]
         todo = self._missing(method, pid, samples)
-        edit_todo = []
-        if edit is not None:
-            edit_todo = [k for k in range(len(EDIT_SUFFIXES))
-                         if not (self.out / method / pid / "edit" / f"{_stem(edit)}_{k}.png"
-                                 ).exists()]  # fmt: skip
+        edit_todo = [
+            (edit, k)
+            for edit in edits
+            for k in range(len(EDIT_SUFFIXES))
+            if not (self.out / method / pid / "edit" / f"{_stem(edit)}_{k}.png").exists()
+        ]
         checkpoints: dict[int, list[dict]] = {}
         if method == "custom-diffusion":
             checkpoints = {k: self._missing(f"{method}@{k}", pid, samples)
@@ -164,12 +176,13 @@ class Evaluator:
                                     self.guidance)  # fmt: skip
                 self._write(method, pid, todo, outs)
             if edit_todo:
-                assert edit is not None
                 token = "" if method == "sd-inpaint" else self.model.modifier_token.token + " "
-                prompts = [f"photo of a {token}person, {EDIT_SUFFIXES[k]}" for k in edit_todo]
-                outs = self._sample(method, [edit] * len(edit_todo), refs, prompts, "edit",
-                                    self.edit_guidance)  # fmt: skip
-                for k, o in zip(edit_todo, outs):
+                prompts = [f"photo of a {token}person, {EDIT_SUFFIXES[k]}" for _, k in edit_todo]
+                edit_samples = [e for e, _ in edit_todo]
+                outs = self._sample(
+                    method, edit_samples, refs, prompts, "edit", self.edit_guidance
+                )
+                for (edit, k), o in zip(edit_todo, outs):
                     _png(self.out / method / pid / "edit" / f"{_stem(edit)}_{k}.png", o)
             count = len(todo) + len(edit_todo)
             if count:
@@ -191,7 +204,8 @@ class Evaluator:
             t0 = time.perf_counter()
             prior = self.prior if method == "custom-diffusion" else None
             with personalized(self.model, person["images"], person["references"],
-                              person["boxes"], steps=steps, variant=_FT[method], seed=self.seed,
+                              person["boxes"], steps=steps, variant=self.variants[method],
+                              seed=self.seed,
                               lr=self.ft_lr, prior=prior, prior_weight=self.prior_weight,
                               callback=at_step if checkpoints else None):  # fmt: skip
                 timings["adapt_s_per_person"].append(time.perf_counter() - t0 - sampling[0])
@@ -268,7 +282,7 @@ def evaluate(
     inception_weights: str | None = None,
     feature_fn: FeatureFn | None = None,
     clip_weights: str | None = None,
-    paste_back: bool = False,
+    paste_back: bool | None = None,
     max_persons: int | None = None,
     persons: Sequence[str] | None = None,
     shard_index: int = 0,
@@ -280,8 +294,20 @@ def evaluate(
     prior_weight: float = 1.0,
     cd_eval_steps: Sequence[int] = (),
     ft_lr: float = 1e-5,
+    cd_params: str = "crossattn",
+    protocol: str = "ours",
 ) -> dict:
     """Run the protocol; returns the results dict also written to ``OUT/results.json``.
+
+    ``protocol="paper"`` scores as the authors' figure scripts do and says so in the results:
+    identity with the ``recognizer`` ``.pth`` (Glint360K CosFace R100 in the paper) on the
+    256 px image (PIL bilinear), crop [35:223, 35:223], pooled to 112, no alignment
+    (:class:`pva.recognizers.PaperIdentityScorer`); FID and KID with clean-fid's ``clean``
+    resize, KID reported x1000; the CLIP score as the raw cosine with OpenAI's ViT-B/32
+    (``clip_weights`` in open-clip format, architecture ``ViT-B-32-quickgelu``) over every test
+    target x the 15 prompts; paste-back off. ``ours`` (default): the recognizer on 5-point
+    aligned faces, torch-fidelity's resize, KID as is, ``100 * max(cos, 0)`` with open-clip's
+    ViT-B/32, the editing track on each person's first target.
 
     Args:
         data: Shards folder (``pva shards build`` output), or a folder of person folders (shards
@@ -306,7 +332,8 @@ def evaluate(
         inception_weights: FID Inception weights file; FID/KID are skipped without it.
         feature_fn: Inject a feature extractor for FID/KID instead (tests, other backbones).
         clip_weights: open-clip ViT-B/32 checkpoint for the editing CLIP score.
-        paste_back: Paste input pixels outside the mask (off in the paper's protocol).
+        paste_back: Paste input pixels outside the mask; ``None``: off (the paper's protocol
+            keeps it off and refuses ``True``).
         max_persons: Evaluate only the first persons (quick runs).
         persons: Evaluate only these person ids of ``split``, in this order (before
             ``max_persons`` and sharding); an id not in the split is an error.
@@ -320,22 +347,42 @@ def evaluate(
         prior_weight: Weight of the prior-preservation loss.
         cd_eval_steps: Also score ``custom-diffusion`` after these fine-tuning steps (its
             inpainting track, as methods ``custom-diffusion@<steps>``), e.g. ``(40, 100, 300)``.
-        ft_lr: Attention learning rate per sample of every fine-tuning method (METHOD 7: 1e-5).
+        ft_lr: Attention learning rate of every fine-tuning method per (target x timestep
+            draw) of a step (METHOD 7: 1e-5, which is 2e-5 per step of 2 draws).
+        cd_params: What ``custom-diffusion`` fine-tunes: ``crossattn`` (every cross-attention
+            weight, the paper's runs) or ``crossattn_kv`` (K/V only, Custom Diffusion's default).
+        protocol: ``ours`` or ``paper`` (see above).
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    if cd_params not in CD_PARAMS:
+        raise ValueError(f"--cd-params must be one of {', '.join(CD_PARAMS)}, got {cd_params!r}")
+    paper = protocol == "paper"
+    if paper and paste_back:
+        message = "--protocol paper keeps paste-back off (the reference composites nothing)"
+        raise ValueError(message + "; drop --paste-back")
+    paste_back = bool(paste_back)
     if any(m != "sd-inpaint" for m in methods) and adapter is None:
         raise ValueError("--adapter is required for every method but sd-inpaint")
     out_dir = Path(out)
-    if inception_weights is not None and feature_fn is None:
-        feature_fn = InceptionFeatures(inception_weights)  # fails early, clearly, if absent
+    if inception_weights is not None and feature_fn is None:  # fails early, clearly, if absent
+        feature_fn = InceptionFeatures(inception_weights, "clean" if paper else "tf1-bilinear")
     clip = None
     if clip_weights is not None:
         from pva.metrics import ClipScorer
 
-        clip = ClipScorer(clip_weights)
-    scorer = build_recognizer(recognizer)
+        arch = "ViT-B-32-quickgelu" if paper else "ViT-B-32"
+        clip = ClipScorer(clip_weights, arch, protocol=protocol)
+    if paper:
+        if recognizer == "dlib" or Path(recognizer).suffix != ".pth":
+            message = "--protocol paper scores identity with an arcface_torch .pth (the paper:"
+            raise ValueError(f"{message} glint360k_cosface_r100.pth); pass it as --recognizer")
+        scorer = PaperIdentityScorer(recognizer)
+    else:
+        scorer = build_recognizer(recognizer)
     if adapter is not None:
         from pva.apps import load_pipeline
 
@@ -351,7 +398,7 @@ def evaluate(
     stream = dm._stream(split, False)
     stream.rank, stream.world_size = 0, 1
     ev = Evaluator(model, out_dir, guidance, edit_guidance, steps, eta, ft_steps, cd_steps, seed,
-                   paste_back, batch_size, cd_eval_steps, ft_lr)  # fmt: skip
+                   paste_back, batch_size, cd_eval_steps, ft_lr, CD_PARAMS[cd_params])  # fmt: skip
     if prior_data is not None:
         ev.prior = _prior_sampler(prior_data, prior_split, num_refs)
         ev.prior_weight = prior_weight
@@ -379,16 +426,18 @@ def evaluate(
             "boxes": [rec.meta["images"][i]["boxes"]["wholeface"] for i in refs],
         }
         _save_ground_truth(out_dir, person["person"], samples)
-        edit_sample = next((s for s in samples if s["mask_region"] == "wholeface"), None)
+        edits = [s for s in samples if s["mask_region"] == "wholeface"] if edit else []
+        edits = edits if paper else edits[:1]  # the paper: every target x 15 prompts
         for method in methods:
-            ev.person(method, person, samples, edit_sample if edit else None, timings[method])
+            ev.person(method, person, samples, edits, timings[method])
     _merge_timings(out_dir, timings, shard_index)
     scored = list(methods)
     if "custom-diffusion" in methods:
         at = [f"custom-diffusion@{k}" for k in ev.cd_eval_steps]
         i = scored.index("custom-diffusion")
         scored[i:i] = at  # before the final one: rows in step order
-    results = score(out_dir, scored, scorer, feature_fn, clip)
+    results = score(out_dir, scored, scorer, feature_fn, clip, kid_scale=1000.0 if paper else 1.0)
+    results["protocol"] = protocol
     results["generated_this_run"] = ev.generated
     with atomic_path(out_dir / "results.json") as tmp:
         tmp.write_text(json.dumps(results, indent=1))
@@ -414,11 +463,24 @@ def _mean_std(values: list[float]) -> list[float]:
 
 
 @torch.no_grad()
-def score(out: Path, methods: Sequence[str], scorer, feature_fn: FeatureFn | None,
-          clip) -> dict:  # fmt: skip
-    """Metrics over every output present in ``out`` (see the module docstring)."""
-    results: dict = {"methods": {}, "recognizer": scorer.name, "edit_prompts": [
-        f"photo of a <new1> person, {s}" for s in EDIT_SUFFIXES]}  # fmt: skip
+def score(
+    out: Path,
+    methods: Sequence[str],
+    scorer,
+    feature_fn: FeatureFn | None,
+    clip,
+    kid_scale: float = 1.0,
+) -> dict:
+    """Metrics over every output present in ``out`` (see the module docstring).
+
+    ``kid_scale`` multiplies KID (1000 in the paper's tables); it is recorded as ``kid_scale``.
+    """
+    results: dict = {
+        "methods": {},
+        "recognizer": scorer.name,
+        "kid_scale": kid_scale,
+        "edit_prompts": [f"photo of a <new1> person, {s}" for s in EDIT_SUFFIXES],
+    }
     timings: dict = defaultdict(lambda: defaultdict(list))
     for f in sorted((out / "_timings").glob("*.json")):
         for method, t in json.loads(f.read_text()).items():
@@ -458,14 +520,24 @@ def score(out: Path, methods: Sequence[str], scorer, feature_fn: FeatureFn | Non
             if feature_fn is not None and len(feats[mask_kind]) >= 2:
                 a, b = torch.cat(feats[mask_kind]), torch.cat(gt_feats[mask_kind])
                 entry[mask_kind]["fid"] = fid_from_features(a, b)
-                entry[mask_kind]["kid"] = list(kid_from_features(a, b, subsets=20))
+                kid = kid_from_features(a, b, subsets=20)
+                entry[mask_kind]["kid"] = [kid_scale * kid[0], kid_scale * kid[1]]
         edits = sorted(out.glob(f"{method}/*/edit/*.png"))
         if edits and clip is not None:
             prompts = [f"photo of a person, {EDIT_SUFFIXES[int(p.stem.rsplit('_', 1)[1])]}"
                        for p in edits]  # fmt: skip
-            imgs = torch.stack([_load_png(p) for p in edits])
-            entry["edit"] = {"clip_score": _mean_std(clip(imgs, prompts).tolist()),
-                             "n": len(edits)}  # fmt: skip
+            scores = []
+            for i in range(0, len(edits), 64):  # bounded memory on the paper's 47k edits
+                imgs = torch.stack([_load_png(p) for p in edits[i : i + 64]])
+                scores.extend(clip(imgs, prompts[i : i + 64]).tolist())
+            by_prompt: dict[str, list[float]] = defaultdict(list)
+            for prompt, value in zip(prompts, scores):
+                by_prompt[prompt].append(value)
+            entry["edit"] = {
+                "clip_score": _mean_std(scores),
+                "n": len(edits),
+                "clip_score_per_prompt": {p: _mean_std(v) for p, v in by_prompt.items()},
+            }
         elif edits:
             entry["edit"] = {"n": len(edits), "clip_score": None}
         entry["seconds"] = {k: _mean_std(v) for k, v in timings.get(method, {}).items()}
@@ -480,7 +552,9 @@ def results_markdown(results: dict) -> str:
     """The paper-layout tables: one row per method, columns per mask; then editing and time."""
     methods = results["methods"]
     masks = [m for m in EVAL_MASKS if any(m in e for e in methods.values())]
-    lines = [f"# Evaluation (identity scorer: {results['recognizer']})", "",
+    protocol = results.get("protocol", "ours")
+    kid_title = "KID x1000" if results.get("kid_scale", 1.0) == 1000.0 else "KID"
+    lines = [f"# Evaluation ({protocol} protocol; identity scorer: {results['recognizer']})", "",
              "## Inpainting: identity similarity to ground truth (mean ± std)", "",
              "| method | " + " | ".join(masks) + " |", "|---|" + "---|" * len(masks)]  # fmt: skip
 
@@ -498,7 +572,7 @@ def results_markdown(results: dict) -> str:
                              "{:.4f}"), ("masked-region PSNR (dB)", "psnr", "{:.2f}"),
                             ("masked-region SSIM", "ssim", "{:.3f}"),
                             ("outside-mask error (mean |diff|, [0, 1])", "outside_error", "{:.4f}"),
-                            ("FID", "fid", "{:.2f}"), ("KID", "kid", "{:.4f}")):  # fmt: skip
+                            ("FID", "fid", "{:.2f}"), (kid_title, "kid", "{:.4f}")):  # fmt: skip
         lines += ["", f"## Inpainting: {title}", "", "| method | " + " | ".join(masks) + " |",
                   "|---|" + "---|" * len(masks)]  # fmt: skip
         for m in methods:
@@ -508,7 +582,8 @@ def results_markdown(results: dict) -> str:
     for m, e in methods.items():
         ed = e.get("edit", {})
         cs = ed.get("clip_score")
-        cs_text = "{:.2f} ± {:.2f}".format(*cs) if cs else "- (no --clip-weights)"
+        cs_fmt = "{:.3f} ± {:.3f}" if protocol == "paper" else "{:.2f} ± {:.2f}"  # raw cosine
+        cs_text = cs_fmt.format(*cs) if cs else "- (no --clip-weights)"
         lines.append(f"| {m} | {ed.get('n', 0)} | {cs_text} |")
     lines += ["", "## Seconds", "", "| method | adaptation per person | sampling per image |",
               "|---|---|---|"]  # fmt: skip

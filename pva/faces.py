@@ -1,9 +1,10 @@
 """Face tooling: robust photo loading, dlib landmarks, region boxes, crops and alignment.
 
 Uses the real pretrained dlib models that ``face-recognition-models`` installs (HOG face detector,
-68-point landmark predictor), so it works offline. Region boxes follow METHOD section 8: the
-bounding box of a landmark group, scaled 1.2x about its centre, with a minimum side of 0.2 x the
-image size, clipped to the image.
+68-point landmark predictor), so it works offline. Region boxes follow METHOD section 8 and the
+authors' ``bbox_from_points`` (``script/create_id_inpaint_dataset.py``) to the pixel: the bounding
+box of a landmark group, scaled 1.2x about its centre, with a minimum side of 0.2 x the image
+size, clipped to the image, with the same integer truncation.
 """
 
 from __future__ import annotations
@@ -20,16 +21,20 @@ from PIL import Image, ImageOps
 JAW, RBROW, LBROW = range(0, 17), range(17, 22), range(22, 27)
 NOSE, REYE, LEYE, MOUTH = range(27, 36), range(36, 42), range(42, 48), range(48, 68)
 REGIONS: dict[str, list[int]] = {
-    "lowerface": list(JAW),
+    "lowerface": list(JAW)[1:16],
     "eyebrow": [*RBROW, *LBROW, *REYE, *LEYE],
     "wholeface": list(range(68)),
     "eye": [*REYE, *LEYE],
-    "leye": list(LEYE),
-    "reye": list(REYE),
+    "leye": list(REYE),
+    "reye": list(LEYE)[1:],
     "mouth": list(MOUTH),
     "nose": list(NOSE),
 }
-"""Landmark groups of the region boxes ("reye" is the eye on the image's left)."""
+"""Landmark groups of the region boxes, as the authors' ``create_bbox`` takes them
+(``script/create_id_inpaint_dataset.py``, ``lib/dataset.py:97``): ``lowerface`` is jaw points
+1..15 (``lm[1:16]``), not 0..16; ``leye`` is points 36..41 (the eye on the image's left) and
+``reye`` points 43..47 (``lm[43:48]``, which leaves out 42), so boxes computed here match the
+ones in the authors' ``region_bbox.pth`` name for name."""
 MASK_REGIONS = ("lowerface", "eyebrow", "wholeface")
 """Regions united with free-form strokes in training masks (METHOD section 6)."""
 DETECT_MAX_SIDE = 1024
@@ -125,25 +130,27 @@ def region_box(
 ) -> tuple[int, int, int, int]:
     """``(x0, y0, x1, y1)`` box of a landmark group, scaled about its centre, min side 0.2*S.
 
+    The arithmetic is the authors' ``bbox_from_points``: side ``int(max(scale * extent,
+    0.2 * S))``, corners ``int(centre -/+ side / 2)`` clipped to the image.
+
     Args:
         landmarks: (68, 2) (x, y) in image pixels.
         region: A key of :data:`REGIONS`.
         image_size: ``(width, height)``; S is the shorter side.
         scale: Box scale (1.2 in the reference protocol).
     """
-    pts = landmarks[REGIONS[region]]
+    pts = np.asarray(landmarks, dtype=np.float64)[REGIONS[region]]
     (x0, y0), (x1, y1) = pts.min(0), pts.max(0)
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     min_side = 0.2 * min(image_size)
-    half_w = max((x1 - x0) * scale, min_side) / 2
-    half_h = max((y1 - y0) * scale, min_side) / 2
+    side_x = int(max(scale * (x1 - x0), min_side))
+    side_y = int(max(scale * (y1 - y0), min_side))
     w, h = image_size
-    box = (cx - half_w, cy - half_h, cx + half_w, cy + half_h)
     return (
-        int(np.clip(np.floor(box[0]), 0, w)),
-        int(np.clip(np.floor(box[1]), 0, h)),
-        int(np.clip(np.ceil(box[2]), 0, w)),
-        int(np.clip(np.ceil(box[3]), 0, h)),
+        max(int(cx - side_x / 2), 0),
+        max(int(cy - side_y / 2), 0),
+        min(int(cx + side_x / 2), w),
+        min(int(cy + side_y / 2), h),
     )
 
 

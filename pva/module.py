@@ -34,14 +34,20 @@ class PVAModule(L.LightningModule):
         pva: Architecture of the PVA pathway.
         init_adapter: Adapter ``.safetensors`` to start from (stage 2 starts from stage 1's).
         batch_size: Images per device per step; only used to scale ``lr_pva``.
-        lr_pva: Learning rate of the visual Q/K/V per sample of total batch; the effective rate
-            is ``lr_pva * batch_size * devices * nodes * accumulate_grad_batches`` (paper: 1e-6).
+        lr_pva: Learning rate of the visual Q/K/V per (image x timestep draw) of an optimizer
+            step. The effective rate is ``lr_pva * batch_size * timestep_draws * devices *
+            nodes * accumulate_grad_batches``, the reference's ``1e-6 x 2 x GPUs x 4``
+            (``script/pva_train.py:85-87``: its "total batch" counts each of the 4 timestep
+            resamples of a batch as one accumulation micro-step). Logged as
+            ``lr_effective/pva``.
         lr_projection: Learning rate of the identity-token transformer (paper: 3.2e-5).
         lr_token: Learning rate of the ``<new1>`` embedding (paper: 1e-3).
         lr_face_backbone: Learning rate of the face recognizer when ``pva.train_face_backbone``
-            (stage 2; not given by METHOD, [ours] default 1e-6).
+            (stage 2), per (image x timestep draw) and scaled like ``lr_pva``; ``None`` (default)
+            is ``lr_pva``, as in the reference, whose face-net group has no rate of its own and
+            gets the batch-scaled main one (``lib/pva.py:319-325``).
         weight_decay: AdamW weight decay, all groups (paper: 1e-2).
-        timestep_draws: Stratified timesteps per image (paper: 4).
+        timestep_draws: Stratified timesteps per image, all in one optimizer step (paper: 4).
         text_dropout: Probability of dropping a prompt to ``""`` (paper: 0).
         identity_dropout: Probability of hiding a sample's identity tokens (paper: 0).
         nonfinite: On a non-finite loss: ``raise`` (stop, naming the step) or ``skip`` (no update
@@ -67,7 +73,7 @@ class PVAModule(L.LightningModule):
         lr_pva: float = 1e-6,
         lr_projection: float = 3.2e-5,
         lr_token: float = 1e-3,
-        lr_face_backbone: float = 1e-6,
+        lr_face_backbone: float | None = None,
         weight_decay: float = 1e-2,
         timestep_draws: int = 4,
         text_dropout: float = 0.0,
@@ -117,14 +123,23 @@ class PVAModule(L.LightningModule):
             accumulate = self.trainer.accumulate_grad_batches
         return self.hparams.batch_size * world * accumulate
 
+    def lr_scale(self) -> int:
+        """(image x timestep draw) pairs per optimizer step, all ranks: what ``lr_pva`` scales by.
+
+        ``batch_size x timestep_draws x devices x nodes x accumulate_grad_batches``; the
+        reference's total batch ``2 x GPUs x 4`` (METHOD 6).
+        """
+        return self.total_batch_size() * self.hparams.timestep_draws
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """AdamW over the paper's groups; the PVA learning rate scales with total batch size."""
+        """AdamW over the paper's groups; PVA (and face-backbone) rates scale with the batch."""
         hp = self.hparams
+        face_lr = hp.lr_pva if hp.lr_face_backbone is None else hp.lr_face_backbone
         lrs = {
-            "pva": hp.lr_pva * self.total_batch_size(),
+            "pva": hp.lr_pva * self.lr_scale(),
             "projection": hp.lr_projection,
             "token": hp.lr_token,
-            "face_backbone": hp.lr_face_backbone,
+            "face_backbone": face_lr * self.lr_scale(),
         }
         groups = self._require_model().parameter_groups()
         self.effective_lrs = {name: lrs[name] for name in groups}

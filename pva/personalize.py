@@ -22,7 +22,10 @@ from pva.attention import identity_processors
 from pva.model import TEMPLATE, PVAModel
 from pva.objective import fused_adam_ok
 
-FTVariant = Literal["pva", "crossqkv", "custom-diffusion"]
+FTVariant = Literal["pva", "crossqkv", "custom-diffusion", "custom-diffusion-kv"]
+FT_VARIANTS: tuple[str, ...] = ("pva", "crossqkv", "custom-diffusion", "custom-diffusion-kv")
+ATTN2_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+"""The pretrained parameters of a cross-attention layer (``to_out.1`` is dropout)."""
 
 
 @dataclass
@@ -38,24 +41,76 @@ class PersonalizeResult:
 def trainable_for(model: PVAModel, variant: FTVariant) -> dict[str, list[tuple[str, nn.Parameter]]]:
     """Parameters fine-tuned per variant, in two groups: ``attention`` and ``token``.
 
-    ``pva`` (PVA-FT): the visual Q/K/V of every ``attn2``. ``crossqkv`` (CrossQKV-FT): those
-    plus the pretrained ``attn2`` Q/K/V. ``custom-diffusion`` (the baseline): the pretrained
-    ``attn2`` K/V only, trained and used without identity tokens. All also tune ``<new1>``.
+    ``pva`` (PVA-FT): the visual Q/K/V of every ``attn2``. ``crossqkv`` (CrossQKV-FT): every
+    ``attn2`` parameter, the visual Q/K/V and the pretrained ``to_q``, ``to_k``, ``to_v`` and
+    ``to_out.0`` (the reference's ``'attn2' in name``, ``lib/pva.py:365-367``).
+    ``custom-diffusion`` (the baseline, trained and used without identity tokens): every
+    pretrained ``attn2`` parameter, as the paper's runs (``--freeze_model crossattn``,
+    ``script/cd_train.py:242-249``); ``custom-diffusion-kv``: only ``to_k`` / ``to_v``
+    (``crossattn_kv``, the Custom Diffusion paper's default). All also tune ``<new1>``.
     """
-    if variant not in ("pva", "crossqkv", "custom-diffusion"):
-        raise ValueError(f"variant must be pva, crossqkv or custom-diffusion, got {variant!r}")
+    if variant not in FT_VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(FT_VARIANTS)}, got {variant!r}")
+    projections = {
+        "pva": (),
+        "crossqkv": ATTN2_PROJECTIONS,
+        "custom-diffusion": ATTN2_PROJECTIONS,
+        "custom-diffusion-kv": ("to_k", "to_v"),
+    }[variant]
     named = dict(model.named_parameters())
     attention = []
     for name, proc in identity_processors(model.unet):
         prefix = "unet." + name
-        if variant != "custom-diffusion":
+        if variant in ("pva", "crossqkv"):
             attention += [(f"{prefix}.{n}", p) for n, p in proc.named_parameters()]
-        projections = {"crossqkv": ("to_q", "to_k", "to_v"), "custom-diffusion": ("to_k", "to_v")}
         layer = prefix.removesuffix(".processor")
-        for proj in projections.get(variant, ()):
+        for proj in projections:
             attention += [(k, named[k]) for k in named if k.startswith(f"{layer}.{proj}.")]
     token = [("modifier_token.embedding", model.modifier_token.embedding)]
     return {"attention": attention, "token": token}
+
+
+def fine_tune_references(
+    n: int, target: int, generator: torch.Generator, flip_prob: float = 0.5
+) -> list[tuple[int, bool]]:
+    """The references of one fine-tuning step, as ``(photo index, flipped)`` pairs.
+
+    The reference code's ``RotatingTensorDataset`` plus ``finetune`` (``lib/dataset.py:166-170``,
+    ``lib/pva.py:689``): the person's other ``n - 1`` photos in random order, each flipped with
+    ``flip_prob``, then a flipped copy of the last one, ``n`` references in all (5 for
+    CelebAHQ-IDI's 5 reference photos).
+    """
+    others = [i for i in range(n) if i != target]
+    order = torch.randperm(len(others), generator=generator).tolist()
+    refs = [(others[j], bool(torch.rand((), generator=generator) < flip_prob)) for j in order]
+    last, flipped = refs[-1]
+    return [*refs, (last, not flipped)]
+
+
+def _identity_tokens(
+    model: PVAModel,
+    references: Tensor,
+    refs: list[tuple[int, bool]],
+    cache: dict[tuple[int, bool], Tensor],
+    reuse: bool,
+) -> Tensor:
+    """(1, n_id, D) identity tokens of ``refs`` (``(photo, flipped)`` pairs).
+
+    Each reference is embedded on its own (so a reused embedding is bit-identical to a fresh
+    one) and, with ``reuse``, kept in ``cache``; the projection then runs on the K embeddings.
+    """
+    encoder = model.identity_encoder
+    dtype = next(encoder.projection.parameters()).dtype
+    embeddings = []
+    for i, flipped in refs:
+        emb = cache.get((i, flipped)) if reuse else None
+        if emb is None:
+            photo = references[i].flip(-1) if flipped else references[i]  # (3, R, R)
+            emb = encoder.embed(photo[None, None].to(model.device, dtype))[0, 0]  # (E,)
+            if reuse:
+                cache[i, flipped] = emb
+        embeddings.append(emb)
+    return encoder.projection(torch.stack(embeddings)[None])  # (1, n_id, D)
 
 
 @contextmanager
@@ -71,6 +126,7 @@ def personalized(
     batch_size: int = 1,
     timestep_draws: int = 2,
     hflip_prob: float = 0.5,
+    ref_hflip_prob: float = 0.5,
     seed: int = 0,
     progress: bool = False,
     prior: Callable[[torch.Generator], dict] | None = None,
@@ -81,10 +137,12 @@ def personalized(
     """Fine-tune on one person's photos for ``steps`` optimizer steps; restore on exit.
 
     Each step, the next photo in turn is the target, masked with its wholeface box and flipped with
-    ``hflip_prob``; the person's other photos are the references; the prompt is
-    ``photo of a <new1> person``; ``timestep_draws`` stratified timesteps. AdamW (weight decay
-    1e-2) with ``lr * batch_size`` for attention weights and ``token_lr`` for the token; a fresh
-    optimizer every call.
+    ``hflip_prob``; the references are the person's other photos, each flipped with
+    ``ref_hflip_prob``, plus a flipped copy of the last (:func:`fine_tune_references`); the prompt
+    is ``photo of a <new1> person``; ``timestep_draws`` stratified timesteps, all in the one
+    step. AdamW (weight decay 1e-2) with ``lr * batch_size * timestep_draws`` for attention
+    weights (the reference: 1e-5 x batch 1 x 2 = 2e-5, ``script/finetune.py:51-53``) and
+    ``token_lr`` for the token; a fresh optimizer every call.
 
     Args:
         model: The PVA model (its trained adapter is the starting point).
@@ -93,13 +151,15 @@ def personalized(
             (aligned faces, or the photos themselves).
         boxes: N wholeface boxes ``[x0, y0, x1, y1]`` in S-pixel coordinates.
         steps: Optimizer steps (40 in the paper).
-        variant: ``pva`` (PVA-FT), ``crossqkv`` (CrossQKV-FT) or ``custom-diffusion`` (the
-            baseline: no identity tokens in training).
-        lr: Attention learning rate per sample.
+        variant: ``pva`` (PVA-FT), ``crossqkv`` (CrossQKV-FT), ``custom-diffusion`` or
+            ``custom-diffusion-kv`` (the baseline: no identity tokens in training); see
+            :func:`trainable_for`.
+        lr: Attention learning rate per (target x timestep draw) of a step (METHOD 7: 1e-5).
         token_lr: Token learning rate.
         batch_size: Targets per step.
         timestep_draws: Stratified timesteps per target.
         hflip_prob: Probability of flipping a target.
+        ref_hflip_prob: Probability of flipping each reference.
         seed: Seed of flips, noise and timesteps.
         progress: Show a progress bar.
         prior: Prior preservation (Custom Diffusion's option): a callable returning a batch of
@@ -110,9 +170,10 @@ def personalized(
             with the model in its personalized state (e.g. to sample at intermediate steps).
         reuse_encodings: Run the frozen encoders once per input instead of every step: the VAE
             posterior of each photo and of its masked version (per flip; latents are still
-            drawn from it every step, so the loss is the same random variable) and the
-            identity tokens of each target's references (the identity encoder is frozen and in
-            eval mode here). ``False`` recomputes them every step.
+            drawn from it every step, so the loss is the same random variable) and the face
+            embedding of each reference photo (per flip; the identity tokens are then projected
+            from them, as the identity encoder is frozen and in eval mode here). ``False``
+            recomputes them every step.
 
     Yields:
         A :class:`PersonalizeResult`; ``state`` holds the personalized tensors.
@@ -137,10 +198,16 @@ def personalized(
                 p.requires_grad_(True)
                 p.grad = None
             opt = torch.optim.AdamW(
-                [{"params": [p for _, p in groups["attention"]], "lr": lr * batch_size},
-                 {"params": [p for _, p in groups["token"]], "lr": token_lr}],
-                weight_decay=1e-2, fused=fused_adam_ok(params),
-            )  # fmt: skip
+                [
+                    {
+                        "params": [p for _, p in groups["attention"]],
+                        "lr": lr * batch_size * timestep_draws,
+                    },
+                    {"params": [p for _, p in groups["token"]], "lr": token_lr},
+                ],
+                weight_decay=1e-2,
+                fused=fused_adam_ok(params),
+            )
             model.eval()  # the projection's dropout off; only attention weights and token train
             t0 = time.perf_counter()
             iterator = range(steps)
@@ -149,9 +216,9 @@ def personalized(
 
                 iterator = tqdm(iterator, desc="personalize", unit="step", leave=False)
             size = images.shape[-1]
-            no_identity = variant == "custom-diffusion"  # trains without identity tokens
+            no_identity = variant.startswith("custom-diffusion")  # trains without identity tokens
             moments: dict[tuple[int, bool], tuple[Tensor, Tensor]] = {}  # (t, flip) -> 2x (8,h,w)
-            tokens: dict[int, Tensor] = {}  # t -> (n_id, D)
+            embeddings: dict[tuple[int, bool], Tensor] = {}  # (photo, flip) -> (E,)
             for step in iterator:
                 targets = [(step * batch_size + b) % n for b in range(batch_size)]
                 batch_images, batch_masks, batch_refs, keys = [], [], [], []
@@ -164,12 +231,11 @@ def personalized(
                     mask[:, int(y0) : int(y1), int(x0) : int(x1)] = 1.0
                     batch_images.append(image)
                     batch_masks.append(mask)
-                    batch_refs.append(references[[i for i in range(n) if i != t]])
+                    batch_refs.append(fine_tune_references(n, t, flip_gen, ref_hflip_prob))
                     keys.append((t, flip))
                 batch = {
                     "image": torch.stack(batch_images),
                     "mask": torch.stack(batch_masks),
-                    "references": torch.stack(batch_refs),  # (B, N-1, 3, R, R)
                     "prompt": [TEMPLATE.format(model.modifier_token.token)] * batch_size,
                 }
                 with torch.no_grad():
@@ -177,15 +243,18 @@ def personalized(
                         for (t, flip), image, mask in zip(keys, batch_images, batch_masks):
                             if (t, flip) not in moments:
                                 masked = (image * (mask < 0.5))[None]  # (1, 3, S, S)
-                                moments[t, flip] = (model.encode_moments(image[None])[0],
-                                                    model.encode_moments(masked)[0])  # fmt: skip
+                                moments[t, flip] = (
+                                    model.encode_moments(image[None])[0],
+                                    model.encode_moments(masked)[0],
+                                )
                         batch["latent_moments"] = torch.stack([moments[k][0] for k in keys])
                         batch["masked_moments"] = torch.stack([moments[k][1] for k in keys])
                     if not no_identity:  # frozen encoder: no gradient, nothing to train there
-                        for t, refs in zip(targets, batch_refs):
-                            if t not in tokens or not reuse_encodings:
-                                tokens[t] = model.encode_identity(refs[None])[0]  # (n_id, D)
-                        batch["identity_tokens"] = torch.stack([tokens[t] for t in targets])
+                        tokens = [
+                            _identity_tokens(model, references, r, embeddings, reuse_encodings)
+                            for r in batch_refs
+                        ]
+                        batch["identity_tokens"] = torch.cat(tokens)  # (B, n_id, D)
                 loss = model.training_loss(batch, timestep_draws,
                                            identity_dropout=float(no_identity),
                                            generator=gen)  # fmt: skip

@@ -87,7 +87,7 @@ def quickstart(
         str(assets.face_model),
         pva=tiny_pva_config(),
         batch_size=4,
-        lr_pva=2.5e-4,  # x total batch 4 = 1e-3: the tiny model, not the paper's SD2 rates
+        lr_pva=1.25e-4,  # x 4 images x 2 draws = 1e-3: the tiny model, not the paper's SD2 rates
         lr_projection=1e-3,
         lr_token=1e-3,
         timestep_draws=2,

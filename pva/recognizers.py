@@ -10,7 +10,8 @@ under a recognizer different from the conditioning one. Backends:
 
 Faces are located with the ground-truth landmarks of the image being scored (the output and its
 ground truth share the geometry outside the mask), so a failed detection on a poor output never
-silently drops a sample.
+silently drops a sample. :class:`PaperIdentityScorer` is the paper's protocol instead: no
+alignment, a fixed crop of the CelebA-HQ-aligned photo (``figure/calc_identity_similarity.py``).
 """
 
 from __future__ import annotations
@@ -95,6 +96,40 @@ class IResNetRecognizer(Recognizer):
         crops = np.stack([align_face(img, lm) for img, lm in zip(images, landmarks)])
         x = torch.from_numpy(crops).float().permute(0, 3, 1, 2) / 127.5 - 1.0  # (N, 3, 112, 112)
         return F.normalize(self.model(x), dim=-1)
+
+
+class PaperIdentityScorer(Recognizer):
+    """The paper's identity scorer: an arcface_torch IResNet on a fixed crop, no alignment.
+
+    Each image is resized to 256 x 256 with PIL's bilinear filter, cropped to rows and columns
+    35:223 and average-pooled to 112 x 112 (``figure/calc_identity_similarity.py:93, 158-165``,
+    ``lib/face_net.py:256-264``); the paper used Glint360K CosFace R100. Landmarks are ignored:
+    the crop assumes CelebA-HQ's alignment.
+
+    Args:
+        path: arcface_torch ``.pth`` (``glint360k_cosface_r100.pth``).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        from pva.identity import load_iresnet
+
+        self.model = load_iresnet(path)
+        self.name = f"paper:iresnet:{Path(path).name}"
+
+    @staticmethod
+    def preprocess(images: np.ndarray) -> Tensor:
+        """(N, H, W, 3) uint8 -> (N, 3, 112, 112) in [-1, 1], the paper's crop."""
+        from PIL import Image
+
+        resized = np.stack(
+            [np.asarray(Image.fromarray(img).resize((256, 256), Image.BILINEAR)) for img in images]
+        )  # (N, 256, 256, 3)
+        x = torch.from_numpy(resized).float().permute(0, 3, 1, 2) / 127.5 - 1.0
+        return F.adaptive_avg_pool2d(x[:, :, 35:223, 35:223], (112, 112))
+
+    @torch.no_grad()
+    def embed(self, images: np.ndarray, landmarks: np.ndarray | None = None) -> Tensor:  # noqa: D102
+        return F.normalize(self.model(self.preprocess(images)), dim=-1)
 
 
 class InsightFaceRecognizer(Recognizer):

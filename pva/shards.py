@@ -36,13 +36,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+if TYPE_CHECKING:
+    from torch import Tensor
+
 from pva.faces import (
+    REGIONS,
     BadImageError,
     align_face,
     detect_landmarks,
@@ -72,6 +76,7 @@ class PhotoJob:
     caption: str | None = None
     landmarks: list | None = None  # given landmarks (source pixels), else dlib runs
     crop: str = "face"  # "face": face-centred crop; "full": resize the whole (aligned) photo
+    boxes: dict[str, list[int]] | None = None  # given region boxes [x0, y0, x1, y1] (source px)
 
 
 @dataclass
@@ -95,21 +100,51 @@ def _jpeg(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def full_photo_boxes(
+    landmarks: np.ndarray,
+    source_size: tuple[int, int],
+    image_size: int,
+    given: dict[str, list[int]] | None = None,
+) -> dict[str, list[int]]:
+    """Region boxes of a whole (CelebA-HQ-aligned) photo stored at ``image_size``, as the authors.
+
+    Boxes are made at the source resolution (or taken from ``given``, the authors'
+    ``region_bbox.pth``) and scaled by ``image_size / source width`` with truncation, the
+    authors' ``(bbox * scale).long()`` (``lib/dataset.py:422-423``).
+
+    Args:
+        landmarks: (68, 2) (x, y) in source pixels.
+        source_size: ``(width, height)`` of the source photo.
+        image_size: Side S of the stored photo.
+        given: Boxes ``{region: [x0, y0, x1, y1]}`` in source pixels that replace the computed ones.
+    """
+    scale = image_size / source_size[0]
+    boxes = {**region_boxes(landmarks, source_size), **(given or {})}
+    return {name: [int(v * scale) for v in box] for name, box in boxes.items()}
+
+
 def process_photo(job: PhotoJob, image_size: int) -> dict:
     """Load, find the face, crop, align: the record entry and its bytes, or a skip reason."""
     try:
         image = load_rgb(job.path)
         if job.landmarks is not None:
-            landmarks, faces = np.asarray(job.landmarks, dtype=np.float32).reshape(68, 2), 1
+            landmarks = np.asarray(job.landmarks, dtype=np.float32)
+            if landmarks.shape != (68, 2) or not np.isfinite(landmarks).all():
+                return {"job": job, "skip": f"landmarks of shape {landmarks.shape}, not 68 x 2"}
+            faces = 1
         else:
             found = detect_landmarks(image)
             if found is None:
                 return {"job": job, "skip": "no face detected"}
             landmarks, faces = found
         aligned = align_face(image, landmarks)
-        crop = (resize_square if job.crop == "full" else face_centred_crop)(
-            image, landmarks, image_size
-        )
+        if job.crop == "full":
+            crop = resize_square(image, landmarks, image_size)
+            height, width = image.shape[:2]
+            boxes = full_photo_boxes(landmarks, (width, height), image_size, job.boxes)
+        else:
+            crop = face_centred_crop(image, landmarks, image_size)
+            boxes = region_boxes(crop.landmarks, (image_size, image_size))
     except BadImageError as err:
         return {"job": job, "skip": str(err)}
     except Exception as err:  # noqa: BLE001 - a bad photo must never stop a long build
@@ -119,7 +154,7 @@ def process_photo(job: PhotoJob, image_size: int) -> dict:
         "role": job.role,
         "caption": job.caption,
         "landmarks": np.round(crop.landmarks, 2).tolist(),
-        "boxes": region_boxes(crop.landmarks, (image_size, image_size)),
+        "boxes": boxes,
     }
     if faces > 1:
         entry["faces_detected"] = faces
@@ -138,12 +173,85 @@ def detect_format(root: Path) -> str:
     return "people"
 
 
+def image_index(name: str) -> int | None:
+    """The authors' image index of a file name (``123.jpg`` or ``123_4.jpg`` -> 123)."""
+    head = Path(name).stem.split("_")[0]
+    return int(head) if head.isdigit() else None
+
+
+def read_landmarks_json(path: Path) -> dict[str, list]:
+    """``annotation/landmarks.json`` -> ``{file: [[x, y] x 68]}`` in source pixels.
+
+    Accepts the authors' layout, ``{"123.jpg": {"image": {"face_landmarks": [[x, y] x 68]}}}``
+    (``script/create_id_inpaint_dataset.py:48``), and the flat ``{"123.jpg": [[x, y] x 68]}``.
+
+    Raises:
+        ValueError: An entry of neither layout (naming the file and the entry).
+    """
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"'{path}' is not readable JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"'{path}' must map file names to landmarks, not a {type(raw).__name__}")
+    out = {}
+    for name, value in raw.items():
+        if isinstance(value, dict):
+            image = value.get("image")
+            value = image.get("face_landmarks") if isinstance(image, dict) else None
+        if not isinstance(value, list) or len(value) != 68:
+            raise ValueError(
+                f"'{path}': entry '{name}' is neither [[x, y] x 68] nor "
+                f'{{"image": {{"face_landmarks": [[x, y] x 68]}}}}'
+            )
+        out[name] = value
+    return out
+
+
+def read_region_bbox(path: Path) -> tuple[dict[str, Tensor], Tensor | None]:
+    """The authors' ``annotation/region_bbox.pth``: boxes per region and landmarks per image.
+
+    The file is ``{"landmarks": (N, 68, 2) as (row, col), "bboxes": {region: (N, 4)}}`` with
+    boxes ``[row0, col0, row1, col1]`` at the source resolution, indexed by image number
+    (``script/create_id_inpaint_dataset.py``, ``create_bbox``); it is loaded with
+    ``weights_only=True`` (tensors and plain containers only, no pickled code).
+
+    Returns:
+        ``({region: (N, 4) long [x0, y0, x1, y1]}, (N, 68, 2) float (x, y) or None)``.
+
+    Raises:
+        ValueError: The file is not of that form (naming it).
+    """
+    import torch
+
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - pickle refusals and corrupt files alike
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        message = f"'{path}' could not be loaded with weights_only=True ({reason})"
+        raise ValueError(message) from None
+    bboxes = data.get("bboxes") if isinstance(data, dict) else None
+    if not isinstance(bboxes, dict) or not all(
+        isinstance(b, torch.Tensor) and b.dim() == 2 and b.shape[1] == 4 for b in bboxes.values()
+    ):
+        form = '{"bboxes": {region: (N, 4) tensor}}'
+        raise ValueError(f"'{path}' is not the authors' region_bbox.pth ({form})")
+    boxes = {name: b.long()[:, [1, 0, 3, 2]] for name, b in bboxes.items()}  # (N, 4) x0 y0 x1 y1
+    lms = data.get("landmarks")
+    landmarks = None
+    if isinstance(lms, torch.Tensor) and lms.dim() == 3 and lms.shape[1:] == (68, 2):
+        landmarks = lms.float().flip(-1)  # (N, 68, 2) (row, col) -> (x, y)
+    return boxes, landmarks
+
+
 def celebahq_idi_jobs(root: Path, num_refs: int = 5) -> tuple[list[PhotoJob], dict]:
     """Jobs for a CelebAHQ-IDI tree (METHOD section 9) and a description of the source.
 
     Reads ``annotation/idi-{num_refs}.json``, optional ``annotation/dialog/captions_hq.json``
-    (or ``annotation/captions_hq.json``) and optional ``annotation/landmarks.json``
-    (``{file: [[x, y] x 68]}`` in source pixels; dlib runs where absent).
+    (or ``annotation/captions_hq.json``), optional ``annotation/landmarks.json`` (see
+    :func:`read_landmarks_json`) and optional ``annotation/region_bbox.pth`` (see
+    :func:`read_region_bbox`): the benchmark's own region boxes, used instead of computed ones.
+    Landmarks come from ``landmarks.json``, else from ``region_bbox.pth``, else dlib runs.
     """
     ann_path = root / "annotation" / f"idi-{num_refs}.json"
     if not ann_path.is_file():
@@ -159,7 +267,28 @@ def celebahq_idi_jobs(root: Path, num_refs: int = 5) -> tuple[list[PhotoJob], di
             captions = json.loads(cand.read_text())
             break
     lm_path = root / "annotation" / "landmarks.json"
-    landmarks = json.loads(lm_path.read_text()) if lm_path.is_file() else {}
+    landmarks = read_landmarks_json(lm_path) if lm_path.is_file() else {}
+    bbox_path = root / "annotation" / "region_bbox.pth"
+    bboxes, bbox_landmarks = read_region_bbox(bbox_path) if bbox_path.is_file() else ({}, None)
+
+    def boxes_of(index: int | None) -> dict[str, list[int]] | None:
+        if index is None:
+            return None
+        found = {
+            name: b[index].tolist()
+            for name, b in bboxes.items()
+            if index < len(b) and bool((b[index] != 0).any())
+        }
+        return found or None  # all-zero rows: the authors found no face there
+
+    def landmarks_of(name: str, index: int | None) -> list | None:
+        if name in landmarks:
+            return landmarks[name]
+        if bbox_landmarks is not None and index is not None and index < len(bbox_landmarks):
+            if bool((bbox_landmarks[index] != 0).any()):
+                return bbox_landmarks[index].tolist()
+        return None
+
     jobs = []
     for split in SPLITS:
         for pid in ann[f"{split}_ids"]:
@@ -167,6 +296,7 @@ def celebahq_idi_jobs(root: Path, num_refs: int = 5) -> tuple[list[PhotoJob], di
             for role in ("infer", "ref"):
                 for name in roles.get(role, []):
                     cap = captions.get(name, {})
+                    index = image_index(name)
                     jobs.append(
                         PhotoJob(
                             person=str(pid),
@@ -176,13 +306,48 @@ def celebahq_idi_jobs(root: Path, num_refs: int = 5) -> tuple[list[PhotoJob], di
                             caption=(cap.get("overall_caption") or None)
                             if isinstance(cap, dict)
                             else None,
-                            landmarks=landmarks.get(name),
+                            landmarks=landmarks_of(name, index),
                             crop="full",
+                            boxes=boxes_of(index),
                         )
                     )
-    source = {"format": "celebahq-idi", "root": str(root), "annotation": ann_path.name,
-              "captions": bool(captions), "landmarks": bool(landmarks)}  # fmt: skip
+    source = {
+        "format": "celebahq-idi",
+        "root": str(root),
+        "annotation": ann_path.name,
+        "captions": bool(captions),
+        "landmarks": bool(landmarks),
+        "region_bbox": bool(bboxes),
+    }
     return jobs, source
+
+
+def write_region_bbox(
+    landmarks: dict[str, list], num_images: int, resolution: int, path: Path
+) -> None:
+    """Write an authors'-format ``region_bbox.pth`` from ``{file: [[x, y] x 68]}``.
+
+    What ``create_bbox`` of ``script/create_id_inpaint_dataset.py`` writes: ``landmarks``
+    (N, 68, 2) long as (row, col) and ``bboxes`` ``{region: (N, 4) long [row0, col0, row1,
+    col1]}`` at ``resolution``, rows indexed by image number (zeros where a file is missing).
+    Used by ``pva demo`` and the tests to produce the authors' tree.
+    """
+    import torch
+
+    data = {
+        "landmarks": torch.zeros(num_images, 68, 2, dtype=torch.long),
+        "bboxes": {r: torch.zeros(num_images, 4, dtype=torch.long) for r in REGIONS},
+    }
+    for name, points in landmarks.items():
+        index = image_index(name)
+        if index is None or index >= num_images:
+            raise ValueError(f"'{name}' is not an image number below {num_images}")
+        lm = np.asarray(points, dtype=np.float64)
+        data["landmarks"][index] = torch.from_numpy(lm).long().flip(1)
+        for region, (x0, y0, x1, y1) in region_boxes(lm, (resolution, resolution)).items():
+            data["bboxes"][region][index] = torch.tensor([y0, x0, y1, x1])
+    with atomic_path(path) as tmp:
+        torch.save(data, tmp)
 
 
 def people_jobs(

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import torch
 from conftest import FACES
 from PIL import Image
 
@@ -121,3 +122,64 @@ def make_people(root: Path) -> dict[str, str]:
         shutil.copy(src, bad / src.name)  # full size: the loader downsizes for detection
         expected[src.name] = "ok"
     return expected
+
+
+def authors_bbox(points: np.ndarray, size: int) -> list[int]:
+    """``bbox_from_points`` of the authors' script/create_id_inpaint_dataset.py, transcribed.
+
+    Returns ``[row0, col0, row1, col1]``.
+    """
+    x_min, y_min = points.min(0)
+    x_max, y_max = points.max(0)
+    c_x, c_y = (x_min + x_max) / 2, (y_min + y_max) / 2
+    h, w = x_max - x_min, y_max - y_min
+    w = int(max(1.2 * w, 0.2 * size))
+    h = int(max(1.2 * h, 0.2 * size))
+    return [max(int(c_y - w / 2), 0), max(int(c_x - h / 2), 0),
+            min(int(c_y + w / 2), size), min(int(c_x + h / 2), size)]  # fmt: skip
+
+
+AUTHORS_REGIONS = {  # create_bbox's point sets (lowerface = lm[1:16], lib/dataset.py:97)
+    "leye": slice(36, 42), "reye": slice(43, 48), "eye": slice(36, 48),
+    "eyebrow": np.r_[17:27, 36:48], "lowerface": slice(1, 16), "wholeface": slice(0, 68),
+    "mouth": slice(48, 68), "nose": slice(27, 36),
+}  # fmt: skip
+
+
+def to_authors_annotation(root: Path) -> dict[str, dict[str, list[int]]]:
+    """Add the authors' ``landmarks.json`` and ``region_bbox.pth`` to a CelebAHQ-IDI tree.
+
+    Landmarks come from dlib (as the authors' ``dlib_landmarks``), nested as
+    ``{file: {"image": {"face_landmarks": [[x, y] x 68]}}}``; boxes are the authors'
+    ``bbox_from_points`` at each photo's width, except image 0's lowerface box, which is moved
+    so that a test can tell the file's boxes from recomputed ones. Returns the boxes written,
+    ``{file: {region: [x0, y0, x1, y1]}}`` in source pixels.
+    """
+    from pva.faces import detect_landmarks, load_rgb
+
+    files = sorted((root / "image").iterdir(), key=lambda p: int(p.stem))
+    n = int(files[-1].stem) + 1
+    data = {
+        "landmarks": torch.zeros(n, 68, 2, dtype=torch.long),
+        "bboxes": {r: torch.zeros(n, 4, dtype=torch.long) for r in AUTHORS_REGIONS},
+    }
+    landmarks, boxes = {}, {}
+    for path in files:
+        image = load_rgb(path)
+        found = detect_landmarks(image)
+        if found is None:
+            continue  # the authors' script leaves such images out
+        lm = found[0].round()
+        landmarks[path.name] = {"image": {"face_landmarks": lm.astype(int).tolist()}}
+        idx, size = int(path.stem), image.shape[1]
+        data["landmarks"][idx] = torch.from_numpy(lm).long().flip(1)
+        boxes[path.name] = {}
+        for region, sel in AUTHORS_REGIONS.items():
+            row0, col0, row1, col1 = authors_bbox(lm[sel], size)
+            if idx == 0 and region == "lowerface":
+                row0, col0, row1, col1 = 10, 20, 60, 90
+            data["bboxes"][region][idx] = torch.tensor([row0, col0, row1, col1])
+            boxes[path.name][region] = [col0, row0, col1, row1]
+    (root / "annotation" / "landmarks.json").write_text(json.dumps(landmarks))
+    torch.save(data, root / "annotation" / "region_bbox.pth")
+    return boxes

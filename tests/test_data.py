@@ -6,6 +6,8 @@ import io
 import json
 import os
 import pickle
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -14,8 +16,9 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import SHARED
-from data_fixtures import SPLIT, make_celebahq_idi, make_people
+from conftest import REPO, SHARED
+from data_fixtures import SPLIT, make_celebahq_idi, make_people, to_authors_annotation
+from PIL import Image
 
 from datamodules.masks import box_mask, brush_stroke_mask
 from datamodules.shards import DecodedCache, ShardDataModule, decode_jpeg, parse_record
@@ -101,6 +104,50 @@ def test_celebahq_idi_index_counts_and_schema(idi):
             assert set(entry["boxes"]) >= {"lowerface", "eyebrow", "wholeface", "mouth", "nose"}
             cap = idi["captions"].get(entry["file"])
             assert entry["caption"] == (cap["overall_caption"] if cap else None)
+
+
+def test_the_authors_annotation_files_build_every_photo_with_their_own_boxes(tmp_path):
+    # annotation/landmarks.json nested as the authors write it, and their region_bbox.pth
+    root = tmp_path / "celebahq"
+    facts = make_celebahq_idi(root, SHARED / "data/captions/celeba_dialog_style_samples.json")
+    boxes = to_authors_annotation(root)
+    out = tmp_path / "shards"
+    res = subprocess.run([sys.executable, "-m", "pva.cli", "shards", "build", str(root), "--out",
+                          str(out), "--image-size", str(SIZE)], capture_output=True, text=True,
+                         cwd=REPO, timeout=600)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    index = read_index(out)
+    skipped = [Path(s["file"]).name for s in index["skipped_images"]]
+    assert skipped == [n for n in _all_files(facts) if n not in boxes]  # the black image only
+    kept = sum(s["images"] for s in index["splits"].values())
+    assert kept == len(boxes) - 1  # every photo with a face, but the dropped person's one
+    assert index["source"]["landmarks"] and index["source"]["region_bbox"]
+    widths = {p.name: Image.open(p).width for p in (root / "image").iterdir()}
+    seen = 0
+    for split in ("train", "val", "test"):
+        for rec in _records(out, split):
+            for entry in rec.meta["images"]:
+                scale = SIZE / widths[entry["file"]]  # lib/dataset.py:422-423
+                for region, box in boxes[entry["file"]].items():
+                    assert entry["boxes"][region] == [int(v * scale) for v in box], region
+                seen += 1
+    assert seen == kept
+    moved = [int(v * SIZE / widths["0.jpg"]) for v in (20, 10, 90, 60)]  # image 0's own box
+    assert boxes["0.jpg"]["lowerface"] == [20, 10, 90, 60]
+    assert [e["boxes"]["lowerface"] for rec in _records(out, "train") for e in rec.meta["images"]
+            if e["file"] == "0.jpg"] == [moved]  # fmt: skip
+
+    (root / "annotation" / "landmarks.json").write_text(json.dumps({"0.jpg": {"image": {}}}))
+    res = subprocess.run([sys.executable, "-m", "pva.cli", "shards", "build", str(root), "--out",
+                          str(tmp_path / "bad")], capture_output=True, text=True, cwd=REPO,
+                         timeout=120)  # fmt: skip
+    assert res.returncode == 2 and "landmarks.json': entry '0.jpg'" in res.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def _all_files(facts: dict) -> list[str]:
+    names = [n for v in facts["id2image"].values() for n in v["infer"] + v["ref"]]
+    return sorted(names, key=lambda n: int(n.split(".")[0]))
 
 
 def test_landmarks_land_on_the_face_in_the_stored_crop(idi):
@@ -197,6 +244,25 @@ def test_training_batches_shapes_references_and_masks(idi):
     prompts = [p for b in batches for p in b["prompt"]]
     assert any(p == "photo of a <new1> person" for p in prompts)
     assert any(p.startswith("photo of a <new1> person. ") for p in prompts)  # with caption
+
+
+def test_each_training_reference_is_flipped_with_p_half_and_keyed_by_its_pixels(idi):
+    # lib/dataset.py:428-430: every reference flipped with p=0.5 (flip_p=0.5 in pva_train.py)
+    faces = {rec.key: [decode_jpeg(f) for f in rec.face] for rec in _records(idi["out"], "train")}
+    dm = _dm(idi["out"], batch_size=4, samples_per_epoch=160)
+    flipped = []
+    for batch in dm.train_dataloader():
+        for b, keys in enumerate(batch["reference_keys"]):
+            for j, key in enumerate(keys):
+                if not key:
+                    continue
+                record, index = key.split("/")[:2]
+                face = faces[record][int(index)]
+                is_flipped = key.endswith("/flip")
+                expected = face.flip(-1) if is_flipped else face
+                assert torch.equal(batch["references"][b, j], expected), key
+                flipped.append(is_flipped)
+    assert len(flipped) > 200 and 0.4 < np.mean(flipped) < 0.6
 
 
 def test_decode_cache_gives_the_same_batches_and_stays_within_its_bound(idi):

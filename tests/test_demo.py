@@ -20,7 +20,8 @@ from pva.demo.generator import (
     sample_person,
     write_idi_tree,
 )
-from pva.faces import REGIONS, region_boxes
+from pva.faces import region_boxes
+from pva.shards import read_region_bbox
 
 
 def _digest(root) -> dict[str, str]:
@@ -41,7 +42,10 @@ def test_generator_is_deterministic_per_seed(tmp_path):
     assert len(persons) == 12 and len(set(persons)) == 12
     assert all(len(ann["id2image"][p]["ref"]) == 5 for p in persons)
     lms = json.loads((tmp_path / "a" / "annotation" / "landmarks.json").read_text())
-    assert len(lms) == 12 * 7 and all(np.asarray(v).shape == (68, 2) for v in lms.values())
+    assert len(lms) == 12 * 7  # the authors' layout: {file: {"image": {"face_landmarks": ...}}}
+    assert all(np.asarray(v["image"]["face_landmarks"]).shape == (68, 2) for v in lms.values())
+    boxes, _ = read_region_bbox(tmp_path / "a" / "annotation" / "region_bbox.pth")
+    assert boxes["lowerface"].shape == (12 * 7, 4) and bool((boxes["lowerface"] > 0).any())
     with pytest.raises(FileExistsError, match="overwrite"):
         write_idi_tree(tmp_path / "a", num_persons=12, seed=3, progress=False)
 
@@ -49,7 +53,7 @@ def test_generator_is_deterministic_per_seed(tmp_path):
 def _iris_colour(photo) -> np.ndarray:
     """Mean colour of the 3x3 pixels at each eye's centre (the iris), (3,)."""
     out = []
-    for eye in (REGIONS["reye"], REGIONS["leye"]):
+    for eye in (list(range(36, 42)), list(range(42, 48))):
         x, y = np.round(photo.landmarks[eye][[0, 3]].mean(0)).astype(int)
         out.append(photo.image[y - 1 : y + 2, x - 1 : x + 2].reshape(-1, 3).mean(0))
     return np.mean(out, 0)

@@ -238,7 +238,7 @@ def test_reused_encodings_give_the_same_fine_tuning_with_fewer_encoder_runs(make
     boxes = [(16, 16, 48, 48), (8, 12, 40, 56), (20, 4, 60, 44)]
     calls = {"vae": 0, "identity": 0}
     count_calls(calls, "vae", model.vae, "encode")
-    count_calls(calls, "identity", model.identity_encoder, "forward")
+    count_calls(calls, "identity", model.identity_encoder.backbone, "forward")
     runs = {}
     for reuse in (False, True):
         calls.update(vae=0, identity=0)
@@ -251,7 +251,140 @@ def test_reused_encodings_give_the_same_fine_tuning_with_fewer_encoder_runs(make
     assert all(torch.equal(state_b[k], state_a[k]) for k in state_a)
     assert calls_a["vae"] == 2 * 8  # image and masked image, every step
     assert calls_b["vae"] <= 2 * 3 * 2  # once per photo and flip
-    expected_identity = (0, 0) if variant == "custom-diffusion" else (8, 3)
-    assert (calls_a["identity"], calls_b["identity"]) == expected_identity
+    if variant == "custom-diffusion":
+        assert calls_a["identity"] == calls_b["identity"] == 0
+    else:  # 3 references a step (2 others + a flipped copy); reused: once per photo and flip
+        assert calls_a["identity"] == 8 * 3 and calls_b["identity"] <= 3 * 2
     # the frozen projection gets no gradient (restoring leaves it untouched)
     assert all(p.grad is None for p in model.identity_encoder.projection.parameters())
+
+
+# ----------------------------------------------------------- the paper's scoring protocol
+def test_paper_identity_scorer_is_the_authors_fixed_crop(tmp_path):
+    from pva.identity import save_iresnet
+    from pva.recognizers import PaperIdentityScorer
+
+    model = build_tiny_face_model(seed=3)
+    path = save_iresnet(model, tmp_path / "glint360k_cosface_r100.pth")
+    scorer = PaperIdentityScorer(path)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2, 512, 512, 3), dtype=np.uint8)
+    # figure/calc_identity_similarity.py: PIL bilinear to 256, [35:223, 35:223], pool to 112
+    small = np.stack([np.asarray(Image.fromarray(i).resize((256, 256), Image.BILINEAR))
+                      for i in images])  # fmt: skip
+    x = torch.from_numpy(small).float().permute(0, 3, 1, 2) / 127.5 - 1
+    x = torch.nn.functional.adaptive_avg_pool2d(x[:, :, 35:223, 35:223], 112)
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(model(x), dim=-1)
+    assert torch.allclose(scorer.embed(images, None), expected, atol=1e-6)
+    outside = images.copy()
+    outside[:, :30] = 0  # rows the crop never sees: no alignment, no detection
+    assert torch.equal(scorer.embed(outside, None), scorer.embed(images, None))
+    assert scorer.name == "paper:iresnet:glint360k_cosface_r100.pth"
+
+
+def test_fid_and_kid_follow_clean_fid():
+    from cleanfid.fid import frechet_distance, kernel_distance
+    from cleanfid.resize import make_resizer
+
+    from pva.metrics import clean_resize
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2, 200, 160, 3), dtype=np.uint8)
+    resize = make_resizer("PIL", False, "bicubic", (299, 299))  # clean-fid's "clean" mode
+    theirs = np.stack([resize(i).transpose(2, 0, 1) for i in images])
+    assert np.array_equal(clean_resize(images).numpy(), theirs)
+    a, b = rng.normal(size=(250, 16)), rng.normal(0.3, 1.0, size=(250, 16))
+    kid, _ = kid_from_features(torch.from_numpy(a), torch.from_numpy(b), subsets=3)
+    # every subset holds all samples here, so the random subsets agree
+    assert kid == pytest.approx(kernel_distance(a, b, num_subsets=3), rel=1e-9)
+    stats = [(x.mean(0), np.cov(x, rowvar=False)) for x in (a, b)]
+    fid = fid_from_features(torch.from_numpy(a), torch.from_numpy(b))
+    assert fid == pytest.approx(frechet_distance(*stats[0], *stats[1]), rel=1e-6)
+
+
+def test_fid_inception_is_torch_fidelitys_network_loaded_safely(tmp_path):
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    from pva.metrics import FIDInception
+
+    torch.manual_seed(0)
+    path = tmp_path / "inception.pth"
+    torch.save(FIDInception().state_dict(), path)
+    images = torch.rand(2, 3, 64, 80) * 2 - 1
+    ours = InceptionFeatures(path)(images)
+    reference = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                            feature_extractor_weights_path=str(path))  # fmt: skip
+    theirs = reference(((images + 1) * 127.5).round().to(torch.uint8))[0]
+    def relative(x, y):
+        return float((x - y).norm() / y.norm())
+
+    assert relative(ours, theirs) < 1e-5  # random weights: features are tiny, compare relative
+    clean = InceptionFeatures(path, "clean")(images)
+    assert clean.shape == (2, 2048) and relative(clean, ours) > 1e-3
+    evil = tmp_path / "evil.pth"
+    torch.save({"payload": Path("not a tensor")}, evil)  # a pickled object, not weights
+    with pytest.raises(ValueError, match="not the FID Inception state dict"):
+        InceptionFeatures(evil)
+
+
+def test_clip_score_of_the_paper_is_the_raw_cosine(tmp_path):
+    import open_clip
+    from torchvision.transforms import functional as TF
+
+    from pva.metrics import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    name = "pva-test-tiny-clip-quickgelu"
+    config = {"embed_dim": 16, "quick_gelu": True,
+              "vision_cfg": {"image_size": 64, "layers": 1, "width": 64, "head_width": 32,
+                             "patch_size": 16},
+              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2,
+                           "layers": 1}}  # fmt: skip
+    (tmp_path / f"{name}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / f"{name}.json")
+    torch.manual_seed(0)
+    model = open_clip.create_model(name).eval()
+    weights = tmp_path / "clip.pth"
+    torch.save(model.state_dict(), weights)
+    images = torch.rand(3, 3, 80, 96) * 2 - 1
+    prompts = [f"photo of a person, {s}" for s in EDIT_SUFFIXES[:3]]
+    paper = ClipScorer(weights, name, protocol="paper")(images, prompts)
+    # figure/calc_clip_score.py: tensor resize (bicubic) + centre crop + normalise, raw cosine
+    x = ((images + 1) * 127.5).round() / 255
+    x = TF.center_crop(TF.resize(x, 64, TF.InterpolationMode.BICUBIC, antialias=False), [64, 64])
+    x = TF.normalize(x, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    with torch.no_grad():
+        img = torch.nn.functional.normalize(model.encode_image(x), dim=-1)
+        txt = open_clip.get_tokenizer(name)(prompts)
+        txt = torch.nn.functional.normalize(model.encode_text(txt), dim=-1)
+    assert torch.allclose(paper, (img * txt).sum(-1), atol=1e-5)
+    ours = ClipScorer(weights, name)(images, prompts)
+    assert torch.all((ours >= 0) & (ours <= 100)) and not torch.allclose(ours, paper)
+
+
+def test_the_paper_protocol_end_to_end(eval_setup, tmp_path):
+    from pva.identity import save_iresnet
+    from pva.metrics import FIDInception
+
+    face = save_iresnet(build_tiny_face_model(seed=3), tmp_path / "glint360k_cosface_r100.pth")
+    inception = tmp_path / "inception.pth"
+    torch.save(FIDInception().state_dict(), inception)
+    kw = dict(methods=("sd-inpaint",), adapter=str(eval_setup["adapter"]), steps=1, num_refs=2,
+              max_persons=1, protocol="paper")  # fmt: skip
+    with pytest.raises(ValueError, match="--recognizer"):  # dlib is not the paper's scorer
+        evaluate(str(eval_setup["shards"]), str(tmp_path / "x"), **kw)
+    with pytest.raises(ValueError, match="paste-back"):
+        evaluate(str(eval_setup["shards"]), str(tmp_path / "x"), recognizer=str(face),
+                 paste_back=True, **kw)  # fmt: skip
+    out = tmp_path / "paper"
+    results = evaluate(str(eval_setup["shards"]), str(out), recognizer=str(face),
+                       inception_weights=str(inception), **kw)  # fmt: skip
+    assert results["protocol"] == "paper" and results["kid_scale"] == 1000.0
+    assert results["recognizer"] == "paper:iresnet:glint360k_cosface_r100.pth"
+    entry = results["methods"]["sd-inpaint"]
+    n_targets = len(list((out / "_gt").glob("*/*.json"))) // 4
+    assert n_targets >= 2 and entry["edit"]["n"] == n_targets * len(EDIT_SUFFIXES)  # every target
+    assert np.isfinite(entry["wholeface"]["fid"]) and np.isfinite(entry["wholeface"]["kid"][0])
+    assert entry["wholeface"]["outside_error"][0] > 0  # no paste-back
+    text = (out / "results.md").read_text()
+    assert "paper protocol" in text and "KID x1000" in text

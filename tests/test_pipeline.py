@@ -158,14 +158,17 @@ def test_personalization_changes_only_its_parameters_and_persons_start_identical
                             steps=4, variant="crossqkv")[0]  # fmt: skip
     tensors, header = read_adapter(cross)
     assert "crossqkv" in header["contents"]
-    assert any(".attn2.to_k." in k for k in tensors)
+    # every attn2 weight, the output projection included (the reference: lib/pva.py:365-367)
+    for part in (".attn2.to_q.", ".attn2.to_k.", ".attn2.to_v.", ".attn2.to_out.0."):
+        assert any(part in k for k in tensors), part
     # loading it into the pipeline, then the plain adapter, restores the pretrained attn2 weights
-    key = next(k for k in tensors if ".attn2.to_k." in k)
-    before = pipe.pva.state_dict()[key].clone()
-    pipe.load_pva(cross)
-    assert not torch.equal(pipe.pva.state_dict()[key], before)
-    pipe.load_pva(setup["adapter"])
-    assert torch.equal(pipe.pva.state_dict()[key], before)
+    for part in (".attn2.to_k.", ".attn2.to_out.0."):
+        key = next(k for k in tensors if part in k)
+        before = pipe.pva.state_dict()[key].clone()
+        pipe.load_pva(cross)
+        assert not torch.equal(pipe.pva.state_dict()[key], before)
+        pipe.load_pva(setup["adapter"])
+        assert torch.equal(pipe.pva.state_dict()[key], before)
 
 
 def test_save_pretrained_round_trip(pipe, tmp_path):

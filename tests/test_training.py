@@ -119,10 +119,12 @@ def test_learning_rates_follow_the_paper_and_total_batch_size(tiny_assets, tmp_p
     )
     trainer.fit(module, DataLoader(FixedBatches(), batch_size=2))
     groups = {g["name"]: g for g in trainer.optimizers[0].param_groups}
-    assert groups["pva"]["lr"] == pytest.approx(1e-6 * 2 * 4)  # batch 2 x 1 device x accum 4
+    # batch 2 x 4 timestep draws x 1 device x accumulate 4
+    assert groups["pva"]["lr"] == pytest.approx(1e-6 * 2 * 4 * 4)
+    assert trainer.callback_metrics["lr_effective/pva"] == pytest.approx(groups["pva"]["lr"])
+    assert groups["face_backbone"]["lr"] == pytest.approx(groups["pva"]["lr"])
     assert groups["projection"]["lr"] == pytest.approx(3.2e-5)
     assert groups["token"]["lr"] == pytest.approx(1e-3)
-    assert "face_backbone" in groups
     assert all(g["weight_decay"] == pytest.approx(1e-2) for g in groups.values())
     n_train = sum(p.numel() for g in groups.values() for p in g["params"])
     assert n_train == sum(p.numel() for p in module.model.parameters() if p.requires_grad)

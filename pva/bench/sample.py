@@ -97,7 +97,7 @@ def bench_sample(steps: tuple[int, int] = (5, 25), cd_steps: int = 1000, guidanc
     print(f"\n  {'personalization':<44}{'encoders':>10}{'steps':>7}{'seconds':>9}"
           f"{'ms/step':>9}{'ratio':>8}")  # fmt: skip
     names = {"pva": "PVA-FT (METHOD 7)",
-             "custom-diffusion": "Custom-Diffusion-style (attn2 K/V + token)"}
+             "custom-diffusion": "Custom-Diffusion-style (all attn2 + token)"}
     for (variant, reuse), sec in runs.items():
         n = 40 if variant == "pva" else cd_steps
         print(f"  {names[variant]:<44}{'reused' if reuse else 'per step':>10}{n:7d}{sec:9.1f}"

@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from pva.fileio import atomic_dir
+from pva.shards import write_region_bbox
 
 IRIS = {"brown": (105, 62, 30), "blue": (50, 110, 215), "green": (40, 160, 70),
         "grey": (150, 150, 160), "amber": (220, 150, 20), "violet": (150, 60, 200)}  # fmt: skip
@@ -312,7 +313,9 @@ def write_idi_tree(
     Layout (what ``pva shards build`` reads): ``image/<k>.jpg``; ``annotation/idi-<refs>.json``
     (``train_ids`` / ``val_ids`` / ``test_ids``, ``id2image`` with ``infer`` and ``ref`` lists,
     ``image2id``); ``annotation/dialog/captions_hq.json`` (``overall_caption`` per image);
-    ``annotation/landmarks.json`` (exact 68-point landmarks in pixels); and the generator's ground
+    ``annotation/landmarks.json`` (exact 68-point landmarks in pixels, in the authors' layout
+    ``{file: {"image": {"face_landmarks": [[x, y] x 68]}}}``); ``annotation/region_bbox.pth`` (the
+    authors' region boxes, :func:`pva.shards.write_region_bbox`); and the generator's ground
     truth ``annotation/attributes.json`` (per person: attribute words; hidden attributes and their
     regions; the seed).
 
@@ -368,7 +371,8 @@ def write_idi_tree(
                 k += 1
                 Image.fromarray(photo.image).save(tmp / "image" / name, quality=95)
                 captions[name] = {"overall_caption": photo.caption}
-                landmarks[name] = np.round(photo.landmarks, 3).tolist()
+                points = np.round(photo.landmarks, 3).tolist()
+                landmarks[name] = {"image": {"face_landmarks": points}}
                 ann["image2id"][name] = pid
                 names.append(name)
             ann["id2image"][pid] = {"infer": names[:infer_per_person],
@@ -379,6 +383,8 @@ def write_idi_tree(
         (tmp / "annotation" / ann_name).write_text(json.dumps(ann))
         (tmp / "annotation" / "dialog" / "captions_hq.json").write_text(json.dumps(captions))
         (tmp / "annotation" / "landmarks.json").write_text(json.dumps(landmarks))
+        flat = {name: v["image"]["face_landmarks"] for name, v in landmarks.items()}
+        write_region_bbox(flat, k, size, tmp / "annotation" / "region_bbox.pth")
         truth = {"seed": seed, "hidden": {k: v[1] for k, v in HIDDEN.items()},
                  "choices": {k: list(v) for k, v in ATTRIBUTES.items()}, "persons": attributes}
         (tmp / "annotation" / "attributes.json").write_text(json.dumps(truth, indent=1))

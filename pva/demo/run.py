@@ -220,10 +220,11 @@ def _stage1(out: Path, size: DemoSize, seed: int) -> dict:
 
 
 def ft_learning_rate() -> float:
-    """Fine-tuning rate of the demo: 10x stage 1's per-sample ``lr_pva``, as in the paper.
+    """Fine-tuning rate of the demo: 10x stage 1's ``lr_pva``, as in the paper.
 
-    METHOD 6-7 train SD2 at 1e-6 per sample and personalize at 1e-5; the demo's tiny model trains
-    at ``model.lr_pva`` of ``configs/demo.yaml``, so PVA-FT and Custom Diffusion use 10x that.
+    METHOD 6-7 train SD2 at 1e-6 and personalize at 1e-5, both per (image x timestep draw); the
+    demo's tiny model trains at ``model.lr_pva`` of ``configs/demo.yaml``, so PVA-FT and Custom
+    Diffusion use 10x that (x 2 draws per step, like the reference's 2e-5).
     """
     cfg = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
     return 10.0 * float(cfg["model"]["lr_pva"])
