@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 import torch
@@ -124,6 +126,7 @@ class PVAModel(nn.Module):
         self.identity_encoder = IdentityEncoder(
             face_backbone, projection, config.face_crop, config.train_face_backbone
         )
+        self.frozen_dtype: torch.dtype | None = None  # set by hold_frozen_in
 
     @classmethod
     def from_paths(
@@ -191,6 +194,45 @@ class PVAModel(nn.Module):
         """Switch the PVA attention between ``fused`` and ``reference``."""
         set_attention_impl(self.unet, impl)
 
+    # ------------------------------------------------------------------ memory and speed
+    def hold_frozen_in(self, dtype: torch.dtype) -> None:
+        """Keep the frozen VAE, text encoder and UNet weights in ``dtype`` (bf16 or fp16).
+
+        The trainable parts (the PVA projections inside the UNet, the identity transformer,
+        the token, a stage-2 face backbone) stay as they are, in fp32, and so does their
+        optimizer state. The frozen networks then run under ``torch.autocast`` to ``dtype``
+        (inside this model's own methods, so every caller gets it), while latents, noise, the
+        loss and everything handed between the networks stay fp32.
+        """
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"frozen weights can be held in bfloat16 or float16, not {dtype}")
+        self.frozen_dtype = dtype
+        frozen = ("vae.", "text_encoder.", "unet.")
+        for name, tensor in chain(self.named_parameters(), self.named_buffers()):
+            if name.startswith(frozen) and not self.is_adapter_key(name):
+                if tensor.is_floating_point():
+                    tensor.data = tensor.data.to(dtype)
+
+    def _frozen_autocast(self) -> AbstractContextManager:
+        """Autocast to :attr:`frozen_dtype` around a frozen network (a no-op when unset)."""
+        device = self.device.type
+        if self.frozen_dtype is None or torch.is_autocast_enabled(device):
+            return nullcontext()
+        return torch.autocast(device, dtype=self.frozen_dtype)
+
+    def _out(self, x: Tensor) -> Tensor:
+        """Hand a frozen network's output on in fp32 when its weights are held in half."""
+        return x if self.frozen_dtype is None else x.float()
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the frozen UNet's activations in the backward pass instead of storing them.
+
+        diffusers' own checkpointing of every resnet and transformer block (non-reentrant), so
+        the PVA projections inside them still get their gradients; same values, less memory,
+        about one more UNet forward per step.
+        """
+        self.unet.enable_gradient_checkpointing()
+
     # ----------------------------------------------------------------------------- encoders
     @property
     def device(self) -> torch.device:
@@ -206,6 +248,11 @@ class PVAModel(nn.Module):
         """Dtype of the VAE weights (cheap, like :attr:`device`)."""
         return next(self.vae.parameters()).dtype
 
+    @property
+    def _latent_dtype(self) -> torch.dtype:
+        """Dtype of latents and noise: fp32 when frozen weights are held in half, else the VAE's."""
+        return torch.float32 if self.frozen_dtype is not None else self.vae_dtype
+
     def tokenize(self, prompts: Sequence[str]) -> Tensor:
         """Prompts -> (B, 77) token ids, padded and truncated to the text context length."""
         return self.tokenizer(
@@ -218,7 +265,8 @@ class PVAModel(nn.Module):
 
     def encode_prompt(self, prompts: Sequence[str]) -> Tensor:
         """Prompts -> (B, 77, D) text tokens (gradients reach only the modifier token)."""
-        return self.text_encoder(self.tokenize(prompts))[0]
+        with self._frozen_autocast():
+            return self._out(self.text_encoder(self.tokenize(prompts))[0])
 
     def encode_identity(self, references: Tensor, reference_mask: Tensor | None = None) -> Tensor:
         """(B, K, 3, H, W) reference photos in [-1, 1] -> (B, n_id, D) identity tokens."""
@@ -231,7 +279,9 @@ class PVAModel(nn.Module):
         Deterministic; :meth:`sample_latents` draws the latents from them. Fine-tuning encodes a
         photo's moments once and samples every step (:func:`pva.personalize.personalized`).
         """
-        return self.vae.encode(images.to(self.device, self.vae_dtype)).latent_dist.parameters
+        with self._frozen_autocast():
+            posterior = self.vae.encode(images.to(self.device, self.vae_dtype)).latent_dist
+        return self._out(posterior.parameters)
 
     def sample_latents(self, moments: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """(B, 8, h, w) posterior moments -> (B, 4, h, w) scaled latents, one draw."""
@@ -243,7 +293,9 @@ class PVAModel(nn.Module):
 
     def decode_latents(self, latents: Tensor) -> Tensor:
         """(B, 4, h, w) scaled latents -> (B, 3, H, W) images in [-1, 1]."""
-        return self.vae.decode(latents / self.scaling_factor).sample.clamp(-1, 1)
+        with self._frozen_autocast():
+            images = self.vae.decode(latents / self.scaling_factor).sample
+        return self._out(images).clamp(-1, 1)
 
     def inpaint_conditioning(
         self,
@@ -297,12 +349,15 @@ class PVAModel(nn.Module):
         Returns:
             (B, 4, h, w) predicted noise.
         """
-        x = torch.cat([noisy_latents, mask_latent, masked_latent], dim=1)  # (B, 9, h, w)
-        ctx = text_tokens
+        dtype = noisy_latents.dtype
+        x = torch.cat([noisy_latents, mask_latent.to(dtype), masked_latent.to(dtype)], dim=1)
+        ctx = text_tokens  # (B, 77, D); with identity tokens (B, 77 + n_id, D)
         if identity_tokens is not None:
             ctx = torch.cat([text_tokens, identity_tokens.to(text_tokens.dtype)], dim=1)
         kwargs = None if identity_mask is None else {"identity_mask": identity_mask}
-        return self.unet(x, timesteps, encoder_hidden_states=ctx, cross_attention_kwargs=kwargs)[0]
+        with self._frozen_autocast():
+            eps = self.unet(x, timesteps, encoder_hidden_states=ctx, cross_attention_kwargs=kwargs)
+        return self._out(eps[0])  # (B, 4, h, w)
 
     def training_loss(
         self,
@@ -339,11 +394,11 @@ class PVAModel(nn.Module):
             moments = batch.get("latent_moments")
             if moments is None:
                 moments = self.encode_moments(images)  # (B, 8, h, w)
-            moments = moments.to(self.device, self.vae_dtype)
+            moments = moments.to(self.device, self._latent_dtype)
             latents = self.sample_latents(moments, generator)  # (B, 4, h, w)
             masked_moments = batch.get("masked_moments")
             if masked_moments is not None:
-                masked_moments = masked_moments.to(self.device, self.vae_dtype)
+                masked_moments = masked_moments.to(self.device, self._latent_dtype)
             mask_latent, masked_latent = self.inpaint_conditioning(
                 images, masks, generator, masked_moments
             )

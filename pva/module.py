@@ -61,6 +61,19 @@ class PVAModule(L.LightningModule):
             with ``pva.train_face_backbone``. Memory per photo and flip: 8 x (S/8)^2 + 512 floats
             (SD2 at 512 px: 0.13 MB, 8 GB per rank for CelebAHQ-IDI's 30k photos x 2 flips).
             Needs batches from :class:`datamodules.ShardDataModule` (they carry the keys).
+        gradient_checkpointing: Recompute the frozen UNet's activations in the backward pass
+            (diffusers' block checkpointing): the same gradients for less activation memory
+            and about one more UNet forward per step (BENCHMARKS.md, "What a GPU user needs").
+        frozen_dtype: Hold the frozen VAE, text encoder and UNet weights in ``bfloat16`` or
+            ``float16`` (half their memory) and run them under autocast; the trainable weights
+            and the optimizer state stay ``float32``. ``float32`` (default) holds everything in
+            fp32. Independent of ``trainer.precision`` (``bf16-mixed`` autocasts the rest).
+        channels_last: Put the UNet's convolution weights in channels-last memory format
+            (faster convolutions on tensor-core GPUs; same values).
+        compile_unet: ``torch.compile`` the UNet (compiled on the first step; worth it for long
+            runs on a GPU, a C++ compiler is needed on a CPU).
+        compile_backend: ``torch.compile`` backend of ``compile_unet`` (``inductor``; the tests
+            use ``aot_eager``, which traces the same graphs without generating kernels).
     """
 
     def __init__(
@@ -80,6 +93,11 @@ class PVAModule(L.LightningModule):
         identity_dropout: float = 0.0,
         nonfinite: Literal["raise", "skip"] = "raise",
         cache_encodings: bool = False,
+        gradient_checkpointing: bool = False,
+        frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        channels_last: bool = False,
+        compile_unet: bool = False,
+        compile_backend: str = "inductor",
     ) -> None:
         super().__init__()
         if isinstance(pva, dict):  # as stored in checkpoint hyperparameters
@@ -93,6 +111,9 @@ class PVAModule(L.LightningModule):
         self.effective_lrs: dict[str, float] = {}
         self.nonfinite_skipped = 0
         self._step_start: float | None = None
+        if frozen_dtype not in ("float32", "bfloat16", "float16"):
+            allowed = "float32, bfloat16 or float16"
+            raise ValueError(f"model.frozen_dtype must be {allowed}, got {frozen_dtype!r}")
         if cache_encodings and self.pva_config.train_face_backbone:
             raise ValueError("model.cache_encodings needs a frozen face backbone; it cannot be "
                              "combined with pva.train_face_backbone (stage 2)")  # fmt: skip
@@ -105,9 +126,17 @@ class PVAModule(L.LightningModule):
         if self.model is not None:
             return
         hp = self.hparams
-        self.model = PVAModel.from_paths(hp.backbone, hp.face_model, self.pva_config)
+        self.model = model = PVAModel.from_paths(hp.backbone, hp.face_model, self.pva_config)
         if hp.init_adapter:
-            load_adapter(self.model, hp.init_adapter)
+            load_adapter(model, hp.init_adapter)
+        if hp.frozen_dtype != "float32":
+            model.hold_frozen_in(getattr(torch, hp.frozen_dtype))
+        if hp.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        if hp.channels_last:
+            model.unet.to(memory_format=torch.channels_last)
+        if hp.compile_unet:
+            model.unet.compile(backend=hp.compile_backend)
 
     def _require_model(self) -> PVAModel:
         if self.model is None:
