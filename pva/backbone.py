@@ -57,6 +57,43 @@ SD2_INPAINT_UNET_CONFIG: dict[str, Any] = {
     "upcast_attention": False,
 }
 
+# The VAE and text encoder of stabilityai/stable-diffusion-2-inpainting (vae/config.json,
+# text_encoder/config.json: OpenCLIP ViT-H's text tower as transformers' CLIPTextModel, 23 layers
+# as SD2 uses it, the penultimate layer of OpenCLIP's 24).
+SD2_VAE_CONFIG: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+SD2_TEXT_CONFIG: dict[str, Any] = {
+    "vocab_size": 49408,
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 23,
+    "num_attention_heads": 16,
+    "max_position_embeddings": 77,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-5,
+    "projection_dim": 512,
+}
+SD2_SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+
 # Required files per component: (subfolder, config file, accepted weight files).
 _COMPONENTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     (
@@ -343,16 +380,35 @@ def build_tiny_backbone(
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-    )
+    scheduler = DDIMScheduler(**SD2_SCHEDULER_CONFIG)
     backbone = Backbone(vae, text_encoder, tokenizer, unet, scheduler)
+    freeze_(backbone)
+    return backbone
+
+
+def build_sd2_backbone(seed: int = 0) -> Backbone:
+    """The exact SD2-inpainting architecture with random weights (about 1.3 B parameters).
+
+    UNet, VAE and text encoder as ``stabilityai/stable-diffusion-2-inpainting`` configures them,
+    the CLIP tokenizer from open_clip's vocabulary, SD2's noise schedule. For shape, memory and
+    speed checks (``pva rehearse``, the GPU script); the images it makes are noise.
+    """
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            **SD2_TEXT_CONFIG,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    backbone = Backbone(
+        AutoencoderKL(**SD2_VAE_CONFIG),
+        text_encoder,
+        tokenizer,
+        UNet2DConditionModel(**SD2_INPAINT_UNET_CONFIG),
+        DDIMScheduler(**SD2_SCHEDULER_CONFIG),
+    )
     freeze_(backbone)
     return backbone

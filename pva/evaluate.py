@@ -3,7 +3,8 @@
 For every person of a split (``--shard-index`` / ``--num-shards`` deal persons to processes) and
 every method, each target photo is inpainted under each evaluation mask (lowerface, eyebrow,
 wholeface, random) with fixed seeds; the editing track inpaints each person's first target (every
-target with ``protocol="paper"``) under the wholeface mask with the 15 editing prompts. Outputs are PNGs at stable paths::
+target with ``protocol="paper"``) under the wholeface mask with the 15 editing prompts. Outputs
+are PNGs at stable paths::
 
     OUT/<method>/<person>/<photo>_<mask>.png          inpainting track
     OUT/<method>/<person>/edit/<photo>_<k>.png        editing track, prompt k
