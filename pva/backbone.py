@@ -168,8 +168,11 @@ class Backbone:
             self.text_encoder.save_pretrained(tmp / "text_encoder")
             self.tokenizer.save_pretrained(tmp / "tokenizer")
             self.scheduler.save_pretrained(tmp / "scheduler")
+            import diffusers
+
             index = {
                 "_class_name": "StableDiffusionInpaintPipeline",
+                "_diffusers_version": diffusers.__version__,
                 "unet": ["diffusers", "UNet2DConditionModel"],
                 "vae": ["diffusers", "AutoencoderKL"],
                 "text_encoder": ["transformers", "CLIPTextModel"],

@@ -97,6 +97,16 @@ def _rehearse(args: argparse.Namespace) -> None:
     rehearse(out=args.out, size=args.size, photos=args.photos, overwrite=args.overwrite)
 
 
+def _bench_memory(args: argparse.Namespace) -> None:
+    from pva.bench.memory import OPTIONS, bench_memory
+
+    options = tuple(args.options.split(",")) if args.options else OPTIONS
+    unknown = [o for o in options if o not in OPTIONS]
+    if unknown:
+        raise ValueError(f"--options: unknown {unknown}; choose from {', '.join(OPTIONS)}")
+    bench_memory(args.models, options, args.image_size)
+
+
 def _tiny_assets(args: argparse.Namespace) -> None:
     from pva.tiny import write_tiny_assets
 
@@ -563,6 +573,21 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--guidance", type=_float_list, default=(1.0, 4.0),
                     help="comma-separated CFG scales (default: 1,4)")  # fmt: skip
     tu.set_defaults(func=_bench_text_use)
+    me = bench_sub.add_parser(
+        "memory",
+        help="peak memory and time of one SD2-size training step per memory option (CPU)",
+        description=(
+            "One training step (batch 1 x 1 timestep, 512 px, AdamW) per option, each in its own "
+            "process: fp32, bf16 autocast, gradient checkpointing, frozen weights in bf16, both, "
+            "channels-last. Needs the SD2-size models that `pva rehearse` writes."
+        ),
+    )
+    me.add_argument(
+        "--models", default="rehearse_out/models", help="pva rehearse's OUT/models (%(default)s)"
+    )
+    me.add_argument("--options", default=None, help="comma list of options (default: all)")
+    me.add_argument("--image-size", type=int, default=512, help="image side (default: 512)")
+    me.set_defaults(func=_bench_memory)
     hr = bench_sub.add_parser(
         "headroom",
         help="a `pva demo` evaluation next to exact generator fills (right / wrong hidden "

@@ -1,0 +1,99 @@
+"""`pva rehearse` (its tiny size, the same code path as the SD2-size run), the memory bench and
+the GPU script's smoke mode, run as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import REPO
+
+
+def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def rehearsal(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rehearse") / "out"
+    res = _run("pva.cli", "rehearse", "--size", "tiny", "--out", str(out))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return out, res.stdout
+
+
+def test_every_stage_runs_the_real_entry_points(rehearsal):
+    out, stdout = rehearsal
+    state = json.loads((out / "rehearsal.json").read_text())
+    stages = state["stages"]
+    assert list(stages) == ["models", "data", "train", "personalize", "inpaint", "bench",
+                            "evaluate"]  # fmt: skip
+    commands = [r["command"] for s in stages.values() for r in s["runs"]]
+    assert any("train.py fit --config" in c and "configs/stage1.yaml" in c for c in commands)
+    for cli in ("shards build", "personalize", "inpaint", "evaluate"):
+        assert any(f"pva.cli {cli}" in c for c in commands), cli
+    runs = stages["train"]["runs"]
+    assert [r["killed"] for r in runs] == [True, False] and "--ckpt_path" in runs[1]["command"]
+    assert 2 <= stages["train"]["resumed_from_step"] < stages["train"]["final_step"] == 4
+    assert all(r["peak_rss_gb"] > 0 and r["seconds"] > 0 for s in stages.values()
+               for r in s["runs"])  # fmt: skip
+    # the authors' annotation layout went through `pva shards build`
+    index = json.loads((out / "shards" / "index.json").read_text())
+    assert index["source"]["landmarks"] and index["source"]["region_bbox"]
+    assert not index["skipped_images"]
+    for path in ("runs/stage1/adapter.safetensors", "personalized.safetensors", "inpainted.png"):
+        assert (out / path).is_file(), path
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert {"sd-inpaint", "pva"} <= set(results["methods"])
+    assert results["methods"]["pva"]["wholeface"]["n"] == 2 * 2  # 2 persons x 2 targets
+    bench = stages["bench"]
+    assert bench["ddim_ratio"] > 0 and bench["ft_ratio"] > 0
+    report = (out / "report.md").read_text()
+    assert "(killed)" in report and "Fine-tuning step" in report and "DDIM step" in report
+
+
+def test_the_overlay_changes_only_what_a_cpu_needs(rehearsal):
+    out, _ = rehearsal
+    overlay = yaml.safe_load((out / "rehearsal.yaml").read_text())
+    assert set(overlay["model"]) == {"backbone", "face_model", "timestep_draws"}
+    assert set(overlay["data"]["init_args"]) == {"shards", "batch_size", "num_workers",
+                                                 "samples_per_epoch"}  # fmt: skip
+    assert "precision" not in overlay["trainer"]  # bf16-mixed as configs/stage1.yaml says
+    stage1 = yaml.safe_load((REPO / "configs" / "stage1.yaml").read_text())
+    names = [c["class_path"] for c in overlay["trainer"]["callbacks"]]
+    assert names == [c["class_path"] for c in stage1["trainer"]["callbacks"]]
+
+
+def test_a_rerun_resumes_and_other_settings_are_refused(rehearsal):
+    out, _ = rehearsal
+    again = _run("pva.cli", "rehearse", "--size", "tiny", "--out", str(out))
+    assert again.returncode == 0 and "== " not in again.stdout  # every stage was done
+    other = _run("pva.cli", "rehearse", "--size", "sd2", "--out", str(out))
+    assert other.returncode == 2 and "other settings" in other.stderr
+
+
+def test_memory_bench_on_the_rehearsal_models(rehearsal):
+    out, _ = rehearsal
+    res = _run("pva.cli", "bench", "memory", "--models", str(out / "models"), "--image-size",
+               "64", "--options", "fp32,bf16-frozen+checkpointing")  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [line.split() for line in res.stdout.splitlines() if line.startswith(("fp32", "bf16"))]
+    assert [r[0] for r in rows] == ["fp32", "bf16-frozen+checkpointing"]
+    assert all(float(r[2]) >= float(r[1]) > 0 for r in rows)  # peak >= after loading
+    missing = _run("pva.cli", "bench", "memory", "--models", str(out / "nowhere"))
+    assert missing.returncode == 2 and "pva rehearse" in missing.stderr
+
+
+def test_gpu_script_smoke_run_on_cpu(tmp_path):
+    res = _run("pva.bench.gpu", "--tiny", "--device", "cpu", "--repeats", "1", "--out",
+               str(tmp_path / "gpu.json"))  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    figures = json.loads((tmp_path / "gpu.json").read_text())
+    assert len(figures["train"]) == 4 and figures["flops_per_step"] > 0
+    assert figures["personalize_s"] > 0
+    assert set(figures["ddim_s_per_step"]) == {"pva", "diffusers"}
+    no_gpu = _run("pva.bench.gpu")  # this machine has no CUDA device: one clear line
+    assert no_gpu.returncode != 0 and "no CUDA device" in no_gpu.stderr
