@@ -86,7 +86,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         num_shards=args.num_shards, batch_size=args.batch_size, seed=args.seed,
         prior_data=args.prior_data, prior_split=args.prior_split, prior_weight=args.prior_weight,
         cd_eval_steps=[int(k) for k in args.cd_eval_steps.split(",") if k.strip()],
-        ft_lr=args.ft_lr, cd_params=args.cd_params, protocol=args.protocol,
+        ft_lr=args.ft_lr, cd_params=args.cd_params, protocol=args.protocol, cd_lr=args.cd_lr,
     )  # fmt: skip
     print(f"generated {results['generated_this_run']} images; results in {args.out}/results.md")
 
@@ -376,6 +376,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=1e-5,
         help="attention learning rate of every fine-tuning method per timestep draw of a step "
         "(paper, SD2: 1e-5, i.e. 2e-5 per step of 2 draws)",
+    )
+    ev.add_argument(
+        "--cd-lr",
+        type=float,
+        default=None,
+        help="custom-diffusion's learning rate per timestep draw (default: --ft-lr; the paper's "
+        "runs stepped at 0.4x PVA-FT's rate)",
     )
     ev.add_argument(
         "--cd-params",

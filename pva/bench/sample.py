@@ -5,7 +5,7 @@
    ``StableDiffusionInpaintPipeline`` on the same backbone weights. Per-step cost is the slope
    between a short and a long run, so fixed costs (encoders, VAE) cancel.
 2. Seconds for 40 PVA-FT steps (METHOD 7) vs ``cd_steps`` steps of the Custom-Diffusion-style
-   fine-tune (cross-attention K/V + the token, no identity pathway), both through
+   fine-tune (every cross-attention weight + the token, no identity pathway), both through
    :func:`pva.personalize.personalized` and measured in full, each with the frozen encoders'
    outputs reused (the default) and recomputed every step.
 """

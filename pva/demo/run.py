@@ -230,6 +230,15 @@ def ft_learning_rate() -> float:
     return 10.0 * float(cfg["model"]["lr_pva"])
 
 
+CD_RATE = 0.4
+"""Custom Diffusion's learning rate relative to PVA-FT's, per step, as in the paper's runs: 8e-6
+(1e-6 x batch 1 x accumulation 4 x 2 GPUs with ``--scale_lr``, ``script/submit.py``) against
+PVA-FT's 2e-5 (``config/SDI2_PVA_FT40.json``). A step here is 1 target x 2 timesteps for both
+(the paper's Custom Diffusion step held 8 targets and 8 prior images). Custom Diffusion also keeps
+the paper's real-image prior preservation (``--with_prior_preservation --real_prior``, weight 1):
+one training person's photo, ``photo of a person``, per step."""
+
+
 def seed_persons(out: Path, size: DemoSize, seeds: list[int]) -> dict[int, list[str]]:
     """Each evaluation seed's own ``size.eval_persons`` test persons (consecutive, in shard order).
 
@@ -273,6 +282,10 @@ def _eval_kwargs(out: Path, size: DemoSize, seed: int, persons: list[str],
         "cd_steps": size.cd_steps,
         "cd_eval_steps": list(size.cd_eval_steps),
         "ft_lr": ft_learning_rate(),
+        "cd_lr": CD_RATE * ft_learning_rate(),
+        # Custom Diffusion's real-image prior, as the paper's runs (CD_RATE)
+        "prior_data": str(out / "shards") if track == "cd" else None,
+        "prior_split": "train",
         "guidance": GUIDANCE,
         "edit": False,
         "paste_back": True,
@@ -285,7 +298,9 @@ def _eval_command(kw: dict) -> str:
     cd = ""
     if "custom-diffusion" in kw["methods"]:
         cd = (f" --cd-steps {kw['cd_steps']} "
-              f"--cd-eval-steps {','.join(map(str, kw['cd_eval_steps']))}")  # fmt: skip
+              f"--cd-eval-steps {','.join(map(str, kw['cd_eval_steps']))} "
+              f"--cd-lr {kw['cd_lr']:g} --prior-data {kw['prior_data']} "
+              f"--prior-split {kw['prior_split']}")  # fmt: skip
     return (
         f"pva evaluate --data {kw['data']} --out {kw['out']} --methods {','.join(kw['methods'])} "
         f"--adapter {kw['adapter']} --recognizer {kw['recognizer']} --steps {kw['steps']} "
