@@ -249,8 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
             "small stand-ins for SD2-inpainting and ArcFace, trains PVA with train.py, evaluates "
             "sd-inpaint / pva / pva-ft40 / custom-diffusion on held-out persons with pva "
             "evaluate, and writes OUT/report.md. Resumable: finished stages are skipped. "
-            "About 15 minutes on 2 CPU cores (measured on an AMD EPYC; slower 2-core machines "
-            "took 16-25 with half this stage 1); --quick about 3."
+            "About 18 minutes on 2 CPU cores (measured on an AMD EPYC; slower 2-core machines "
+            "took 16-25 with half this stage 1 and a lighter Custom Diffusion); --quick about 3."
         ),
     )
     dm.add_argument("--out", default="demo_out", help="output folder (default: %(default)s)")

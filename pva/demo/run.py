@@ -52,7 +52,7 @@ class DemoSize:
     """Test persons per evaluation seed (each seed its own; see :func:`seed_persons`) for
     sd-inpaint, pva and pva-ft40."""
     cd_persons: int
-    """The first of each seed's persons that Custom Diffusion (about 35 s per person on one
+    """The first of each seed's persons that Custom Diffusion (about 70 s per person on one
     thread) is evaluated on, beside pva-ft40 on the same persons."""
     seeds: int
     ddim_steps: int
@@ -581,7 +581,7 @@ def write_report(out: Path, size: DemoSize, seeds: list[int], state: dict) -> Pa
                      "pipeline runs end to end, and its numbers are not evidence either way.")
     else:
         lines.append(
-            f"- Known limitations: Custom Diffusion (about 35 s per person on one thread) runs "
+            f"- Known limitations: Custom Diffusion (about 70 s per person on one thread) runs "
             f"on {size.cd_persons} persons per seed, so its comparison with pva-ft40 is the "
             "noisiest one here; and the zero-shot gain is small next to what 40 fine-tuning "
             "steps add. BENCHMARKS.md (`pva demo`) has four stage-0 draws (`--seed 0` to `3`), "
