@@ -92,7 +92,7 @@ def test_gpu_script_smoke_run_on_cpu(tmp_path):
                str(tmp_path / "gpu.json"))  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
     figures = json.loads((tmp_path / "gpu.json").read_text())
-    assert len(figures["train"]) == 4 and figures["flops_per_step"] > 0
+    assert len(figures["train"]) == 5 and figures["flops_per_step"] > 0
     assert figures["personalize_s"] > 0
     assert set(figures["ddim_s_per_step"]) == {"pva", "diffusers"}
     no_gpu = _run("pva.bench.gpu")  # this machine has no CUDA device: one clear line

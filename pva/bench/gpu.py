@@ -4,7 +4,8 @@
 
 1. the stage-1 training step (2 images x 4 timesteps, 5 references at 256 px, AdamW) in bf16:
    seconds and peak memory for ``precision: bf16-mixed`` as shipped, with the frozen weights
-   held in bf16 (``frozen_dtype: bfloat16``), and with gradient checkpointing on top;
+   held in bf16 (``frozen_dtype: bfloat16``), with gradient checkpointing on top, and with a
+   channels-last UNet (``--compile``: and ``torch.compile``);
 2. the same step with the fused and the reference PVA attention;
 3. seconds per DDIM step (guidance 6, 512 px, bf16 weights) of the PVA sampler beside diffusers'
    ``StableDiffusionInpaintPipeline`` on the same weights;
@@ -93,7 +94,11 @@ def _stage1_batch(size: int, device: torch.device, batch: int = 2) -> dict:
 
 
 def run(
-    tiny: bool = False, device: str = "cuda", peak_tflops: float | None = None, repeats: int = 5
+    tiny: bool = False,
+    device: str = "cuda",
+    peak_tflops: float | None = None,
+    repeats: int = 5,
+    compile_unet: bool = False,
 ) -> dict:
     """Measure everything in the module docstring; returns the figures (also printed)."""
     from diffusers import StableDiffusionInpaintPipeline
@@ -148,6 +153,11 @@ def run(
     model.enable_gradient_checkpointing()
     measure("bf16-mixed + frozen bf16 + checkpointing")
     model.unet.disable_gradient_checkpointing()
+    model.unet.to(memory_format=torch.channels_last)
+    measure("bf16-mixed + frozen bf16 + channels-last")
+    if compile_unet:  # minutes of compilation before the first step
+        model.unet.compile()
+        measure("bf16-mixed + frozen bf16 + channels-last + torch.compile")
     train_s = out["train"]["bf16-mixed + frozen bf16"]["s_per_step"]
     out["flops_per_step"] = flops
     out["achieved_tflops"] = round(flops / train_s / 1e12, 2)
@@ -248,9 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per figure (5)")
     parser.add_argument("--out", default=None, help="also write the figures as JSON here")
+    parser.add_argument(
+        "--compile", action="store_true", help="also time the step with torch.compile (slow start)"
+    )
     args = parser.parse_args(argv)
     try:
-        result = run(args.tiny, args.device, args.peak_tflops, args.repeats)
+        result = run(args.tiny, args.device, args.peak_tflops, args.repeats, args.compile)
     except RuntimeError as err:
         print(f"pva.bench.gpu: error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2

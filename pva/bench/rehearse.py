@@ -67,8 +67,11 @@ class RehearsalSize:
     """``pva personalize`` steps."""
     ddim_steps: int
     """``pva inpaint`` DDIM steps."""
-    bench_ddim: tuple[int, int]
-    """Short and long DDIM runs of the bench stage; seconds per step is their slope."""
+    bench_ddim_steps: int
+    """DDIM steps of each sampling run of the bench stage; a step is timed from one UNet call
+    to the next, so the first step's encoders are left out."""
+    bench_rounds: int
+    """Interleaved rounds of one run per sampler (the median step is reported)."""
     bench_ft_steps: int
     """Fine-tuning steps timed per method (the first is left out of the per-step figure)."""
     eval_steps: int
@@ -76,8 +79,8 @@ class RehearsalSize:
 
 
 SIZES = {
-    "sd2": RehearsalSize("sd2", 512, 1024, 2, 4, 2, 3, (1, 3), 2, 2),
-    "tiny": RehearsalSize("tiny", 64, 128, 2, 4, 2, 2, (1, 3), 3, 1),
+    "sd2": RehearsalSize("sd2", 512, 1024, 2, 4, 2, 3, 4, 2, 3, 2),
+    "tiny": RehearsalSize("tiny", 64, 128, 2, 4, 2, 2, 4, 2, 3, 1),
 }
 PERSONS = 6
 """Generated persons: 3 train, 1 val, 2 test."""
@@ -256,17 +259,25 @@ def bench(out: Path, size: RehearsalSize) -> dict:
             guidance_scale=guidance,
         )
 
-    short, long = size.bench_ddim
-    per_step: dict[str, float] = {}
+    def step_seconds(unet: torch.nn.Module, run: Callable[[int], None]) -> list[float]:
+        """Seconds between consecutive UNet calls of a run: one DDIM step each, everything in."""
+        starts: list[float] = []
+        hook = unet.register_forward_pre_hook(lambda *_: starts.append(time.perf_counter()))
+        try:
+            run(size.bench_ddim_steps)
+        finally:
+            hook.remove()
+        return [b - a for a, b in zip(starts, starts[1:])]
+
+    samplers = {"pva": (model.unet, pva_run), "diffusers": (sd.unet, sd_run)}
+    steps: dict[str, list[float]] = {name: [] for name in samplers}
     with torch.no_grad():
-        for name, fn in (("pva", pva_run), ("diffusers", sd_run)):
-            fn(1)  # warm-up
-            t0 = time.perf_counter()
-            fn(short)
-            t1 = time.perf_counter()
-            fn(long)
-            t2 = time.perf_counter()
-            per_step[name] = ((t2 - t1) - (t1 - t0)) / (long - short)
+        for _, run in samplers.values():
+            run(1)  # warm-up
+        for _ in range(size.bench_rounds):  # interleaved, so drift hits both alike
+            for name, (unet, run) in samplers.items():
+                steps[name] += step_seconds(unet, run)
+    per_step = {name: statistics.median(v) for name, v in steps.items()}
     ft: dict[str, float] = {}
     for variant in ("pva", "custom-diffusion"):
 
@@ -282,10 +293,11 @@ def bench(out: Path, size: RehearsalSize) -> dict:
             ):
                 pass
 
-        steps = _timed_steps(fine_tune)
-        ft[variant] = statistics.median(steps[1:])  # the first also runs the frozen encoders
+        seconds = _timed_steps(fine_tune)
+        ft[variant] = statistics.median(seconds[1:])  # the first also runs the frozen encoders
     return {
         "ddim_s_per_step": {k: round(v, 3) for k, v in per_step.items()},
+        "ddim_steps_timed": {k: [round(x, 3) for x in v] for k, v in steps.items()},
         "ddim_ratio": round(per_step["pva"] / per_step["diffusers"], 3),
         "ft_s_per_step": {k: round(v, 3) for k, v in ft.items()},
         "ft_ratio": round(ft["pva"] / ft["custom-diffusion"], 3),
