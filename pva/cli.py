@@ -453,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
             "checkpoint and resumed), pva personalize, pva inpaint, a DDIM step beside diffusers' "
             "pipeline and PVA-FT beside Custom Diffusion per step, and pva evaluate on 2 persons. "
             "Writes OUT/report.md and OUT/rehearsal.json; a rerun resumes. About 20 minutes and "
-            "16 GB of memory on 2 cores, 6 GB of disk."
+            "17 GB of memory on 2 cores, 10 GB of disk."
         ),
     )
     rh.add_argument("--out", default="rehearse_out", help="output folder (default: %(default)s)")

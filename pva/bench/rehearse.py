@@ -452,7 +452,7 @@ def rehearse(
     """Run (or resume) the rehearsal; returns the report's path.
 
     Args:
-        out: Output folder (about 6 GB for ``sd2``: models, data, checkpoints, outputs).
+        out: Output folder (about 10 GB for ``sd2``: 5 GB of models, 4.3 GB of checkpoints).
         size: ``sd2`` (the real architecture, about 20 minutes on 2 cores) or ``tiny``.
         photos: A folder of one person's photos for ``pva personalize`` / ``pva inpaint``
             (3 or more with a face); default: the embedded astronaut crops.
