@@ -1,16 +1,21 @@
 """Train PVA with LightningCLI: ``python train.py fit --config configs/<name>.yaml``.
 
-``python train.py --help`` documents every option; ``--print_config`` builds no model.
+``python train.py --help`` documents every option; ``--print_config`` builds no model. A config
+value out of its range (``model.lr_pva: nan``, ``data.batch_size: 0``) and a training split with
+nothing readable stop with one line (``train.py: error: ...``) and exit status 2.
 """
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
 from callbacks import AdapterExport  # noqa: F401 - importable by class name in configs
+from datamodules.shards import ShardReadError
+from pva.checks import RangeError
 from pva.module import PVAModule
 
 
@@ -21,12 +26,36 @@ class PVACLI(LightningCLI):
         parser.link_arguments("data.init_args.batch_size", "model.batch_size")
 
 
-def main() -> None:
-    """Entry point."""
+def _user_error(err: BaseException) -> str | None:
+    """The one-line message of a user-fixable error anywhere in ``err``'s chain, else ``None``.
+
+    jsonargparse wraps errors raised while it builds a ``class_path`` object, and a DataLoader
+    worker re-raises its error with the worker's traceback in the message: both are unwrapped.
+    """
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, RangeError | ShardReadError):
+            text = str(seen).strip()
+            marker = f"{type(seen).__name__}: "
+            return text.rsplit(marker, 1)[-1].strip() if marker in text else text
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def main() -> int:
+    """Entry point; returns the exit status."""
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # PVAConfig field docs
-    PVACLI(PVAModule, subclass_mode_data=True, save_config_kwargs={"overwrite": True})
+    try:
+        PVACLI(PVAModule, subclass_mode_data=True, save_config_kwargs={"overwrite": True})
+    except Exception as err:
+        message = _user_error(err)
+        if message is None:
+            raise
+        print(f"train.py: error: {message}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

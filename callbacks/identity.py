@@ -16,10 +16,32 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pva.checks import GUIDANCE, NONNEGATIVE_INT, POSITIVE_INT, SEED, check_ranges
 from pva.model import TEMPLATE, UNCOND_PROMPT
 from pva.module import PVAModule
 from pva.recognizers import Recognizer, build_recognizer
 from pva.sampling import ddim_inpaint
+
+VALIDATION_RANGES = {
+    "every_n_steps": POSITIVE_INT,
+    "num_persons": POSITIVE_INT,
+    "ddim_steps": POSITIVE_INT,
+    "guidance": GUIDANCE,
+    "batch_size": POSITIVE_INT,
+    "max_samples": POSITIVE_INT,
+    "grid_rows": NONNEGATIVE_INT,
+    "seed": SEED,
+}
+"""The allowed range of each numeric :class:`IdentityValidation` argument."""
+PERSONALIZATION_RANGES = {
+    "every_n_steps": POSITIVE_INT,
+    "steps": POSITIVE_INT,
+    "person_index": NONNEGATIVE_INT,
+    "ddim_steps": POSITIVE_INT,
+    "guidance": GUIDANCE,
+    "seed": SEED,
+}
+"""The allowed range of each numeric :class:`PersonalizationCheck` argument."""
 
 
 def _log_scalars(trainer: L.Trainer, metrics: dict[str, float]) -> None:
@@ -87,6 +109,7 @@ class IdentityValidation(L.Callback):
         seed: int = 0,
         run_at_end: bool = True,
     ) -> None:
+        check_ranges("IdentityValidation.", locals(), VALIDATION_RANGES)
         self.every_n_steps, self.num_persons, self.ddim_steps = (
             every_n_steps,
             num_persons,
@@ -195,6 +218,7 @@ class PersonalizationCheck(L.Callback):
         recognizer: str = "dlib",
         seed: int = 0,
     ) -> None:
+        check_ranges("PersonalizationCheck.", locals(), PERSONALIZATION_RANGES)
         self.every_n_steps, self.steps, self.person_index = every_n_steps, steps, person_index
         self.ddim_steps, self.guidance, self.recognizer_spec = ddim_steps, guidance, recognizer
         self.seed = seed

@@ -16,6 +16,8 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from pva.checks import NONNEGATIVE_INT, POSITIVE_INT, SEED, Range, check_ranges
+from pva.faces import pixel_limit
 from pva.model import TEMPLATE
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
@@ -51,9 +53,9 @@ def load_photos(folder: str | Path | None, size: int) -> list[Tensor]:
     photos = []
     for path in files:
         try:
-            with Image.open(path) as img:
+            with pixel_limit(), Image.open(path) as img:
                 photos.append(_to_tensor(img, size))
-        except OSError as err:
+        except (OSError, SyntaxError, ValueError) as err:  # BadImageError is a ValueError
             print(f"skipping unreadable photo {path}: {err}")
     if len(photos) < 2:
         raise ValueError(f"--photos: '{folder}' needs at least 2 readable photos of one person")
@@ -99,6 +101,17 @@ class OnePersonDataset(Dataset):
         }
 
 
+PHOTOS_RANGES = {
+    "image_size": Range(16, integer=True, multiple_of=16),
+    "num_refs": POSITIVE_INT,
+    "batch_size": POSITIVE_INT,
+    "samples_per_epoch": POSITIVE_INT,
+    "num_workers": NONNEGATIVE_INT,
+    "seed": SEED,
+}
+"""The allowed range of each numeric :class:`PersonPhotosDataModule` argument."""
+
+
 class PersonPhotosDataModule(L.LightningDataModule):
     """Training batches from one person's photos (``image``, ``mask``, ``references``, ``prompt``).
 
@@ -123,6 +136,7 @@ class PersonPhotosDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        check_ranges("data.", locals(), PHOTOS_RANGES)
         self.save_hyperparameters()
         self.dataset: OnePersonDataset | None = None
 

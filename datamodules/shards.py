@@ -9,13 +9,18 @@ whole split, identically on every run.
 
 Decoding is whitelisted: only ``meta.json``, ``img.NNN.jpg`` and ``face.NNN.jpg`` are read
 (JSON and JPEG through PIL); a record with any other member (say a pickle ``.pyd``) or a corrupt
-member is skipped with a warning, counted, and never decoded.
+member is skipped with a warning, counted, and never decoded. When a split yields nothing at all
+(every shard unreadable, every record skipped), the stream stops with :class:`ShardReadError`
+naming each shard and why its records were skipped, instead of waiting forever (training) or
+yielding no batch (evaluation).
 
 A batch is a dict: ``image`` (B, 3, S, S) and ``masked_image`` in [-1, 1]; ``mask`` (B, 1, S, S),
 1 = fill; ``references`` (B, K, 3, R, R) in [-1, 1] with ``reference_mask`` (B, K) bool;
 ``landmarks`` (B, 68, 2) in the image's pixels; ``prompt``, ``person``, ``file``,
 ``mask_region`` (B strings each); ``skipped`` (the records skipped by this worker since its
-previous batch).
+previous batch; an evaluation stream holds each full batch back until the next one is complete
+or the split ends, so the last batch also counts what was skipped after its samples).
+:attr:`ShardDataModule.skipped_records` counts every skip of every worker as it happens.
 """
 
 from __future__ import annotations
@@ -25,10 +30,10 @@ import json
 import logging
 import random
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -38,11 +43,24 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from datamodules.masks import EVAL_MASKS, eval_mask, flip_box, training_mask
+from pva.checks import (
+    NONNEGATIVE,
+    NONNEGATIVE_INT,
+    POSITIVE_INT,
+    PROBABILITY,
+    SEED,
+    RangeError,
+    check_ranges,
+)
 from pva.model import TEMPLATE
 from pva.shards import FIELD_RE, SCHEMA_VERSION, read_index
 
 log = logging.getLogger(__name__)
 ReferenceView = Literal["aligned", "full"]
+
+
+class ShardReadError(RuntimeError):
+    """A split that yields no sample at all; the message names its shards and the reasons."""
 
 
 class BadRecordError(ValueError):
@@ -178,6 +196,9 @@ class PersonStream(IterableDataset):
         world_size: Number of ranks.
         decode_cache_mb: Decoded photos kept per worker (:class:`DecodedCache`), in MiB;
             0 decodes every use.
+        skip_counter: A shared ``multiprocessing.Value`` that every skip increments (across
+            DataLoader workers); ``None``: only the per-batch ``skipped`` counts.
+        split: The split's name, for messages.
     """
 
     def __init__(
@@ -198,10 +219,15 @@ class PersonStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         decode_cache_mb: float = 0.0,
+        skip_counter: Any = None,
+        split: str = "",
     ) -> None:
         super().__init__()
         if not urls:
             raise ValueError("no shards to read")
+        self.skip_counter, self.split = skip_counter, split
+        self._reasons: dict[str, tuple[int, str]] = {}  # shard -> (skips, last reason)
+        self._shard = ""
         self.urls, self.train, self.batch_size = urls, train, batch_size
         self.max_refs, self.min_refs = max_refs, min_refs
         self.flip_ref_prob, self.hflip_prob, self.caption_prob = (
@@ -224,21 +250,48 @@ class PersonStream(IterableDataset):
         return self.batches_per_epoch
 
     # ---------------------------------------------------------------- raw records
-    def _on_error(self, exn: Exception) -> bool:
+    def _skip(self, reason: str) -> None:
+        """Count one skipped record or sample of the shard being read, and warn."""
         self._skipped += 1
-        log.warning("skipping unreadable shard data: %s", exn)
+        count, _ = self._reasons.get(self._shard, (0, ""))
+        self._reasons[self._shard] = (count + 1, reason)
+        if self.skip_counter is not None:
+            with self.skip_counter.get_lock():
+                self.skip_counter.value += 1
+        log.warning("skipping %s", reason)
+
+    def _on_error(self, exn: Exception) -> bool:
+        self._skip(f"unreadable shard data in '{self._shard}' ({type(exn).__name__}: {exn})")
         return True
 
-    def _records(self, urls: Iterator[str]) -> Iterator[Person]:
+    def shard_records(self, url: str) -> Iterator[Person]:
+        """The valid person records of one shard; the others are skipped, counted and warned."""
         from webdataset.tariterators import tarfile_samples
 
-        raw = tarfile_samples(({"url": u} for u in urls), handler=self._on_error)
-        for sample in raw:
+        self._shard = url
+        for sample in tarfile_samples([{"url": url}], handler=self._on_error):
+            self._shard = url
             try:
                 yield parse_record(sample)
             except BadRecordError as err:
-                self._skipped += 1
-                log.warning("skipping record: %s", err)
+                self._skip(f"record: {err}")
+
+    def _records(self, urls: Iterable[str]) -> Iterator[Person]:
+        for url in urls:
+            yield from self.shard_records(url)
+
+    def no_samples_error(self, urls: Iterable[str], what: str) -> ShardReadError:
+        """The error for a split that gave no sample: each shard with its skips and last reason."""
+        urls = list(dict.fromkeys(urls))
+        lines = []
+        for url in urls[:5]:
+            count, reason = self._reasons.get(url, (0, "no person records"))
+            told = f"{count} skipped, last: {reason}" if count else reason
+            lines.append(f"'{url}': {told}")
+        more = f"; and {len(urls) - 5} more shards" if len(urls) > 5 else ""
+        split = f"the {self.split} split" if self.split else "the split"
+        return ShardReadError(f"{what} from any of the {len(urls)} shards of {split}: "
+                              + "; ".join(lines) + more)  # fmt: skip
 
     # -------------------------------------------------------------------- samples
     def _reference(self, person: Person, i: int) -> Tensor:
@@ -297,25 +350,35 @@ class PersonStream(IterableDataset):
         try:
             return self._sample(person, *args)
         except (OSError, ValueError, KeyError, IndexError, TypeError) as err:
-            self._skipped += 1
-            log.warning("skipping a sample of record '%s': %s", person.key, err)
+            self._skip(f"a sample of record '{person.key}' ({type(err).__name__}: {err})")
             return None
 
     def _train_samples(self, rng: random.Random, slot: int, slots: int) -> Iterator[dict]:
-        def shard_urls() -> Iterator[str]:
-            while True:
-                yield rng.choice(self.urls)
+        """Samples forever from randomly drawn shards.
 
-        for person in self._records(shard_urls()):
-            n = len(person.img)
-            order = list(range(n))
-            rng.shuffle(order)
-            for t in order:
-                others = [i for i in range(n) if i != t]
-                rng.shuffle(others)
-                sample = self._safe_sample(person, t, others[: self.max_refs], rng, None)
-                if sample is not None:
-                    yield sample
+        Stops with :class:`ShardReadError` once every shard has been read through without
+        giving a sample since the last one.
+        """
+        barren: set[str] = set()
+        while True:
+            url = rng.choice(self.urls)
+            delivered = False
+            for person in self.shard_records(url):
+                n = len(person.img)
+                order = list(range(n))
+                rng.shuffle(order)
+                for t in order:
+                    others = [i for i in range(n) if i != t]
+                    rng.shuffle(others)
+                    sample = self._safe_sample(person, t, others[: self.max_refs], rng, None)
+                    if sample is not None:
+                        delivered = True
+                        barren.clear()
+                        yield sample
+            if not delivered:
+                barren.add(url)
+                if len(barren) == len(set(self.urls)):
+                    raise self.no_samples_error(self.urls, "no training sample could be read")
 
     def eval_split(self, person: Person) -> tuple[list[int], list[int]]:
         """``(targets, references)`` of a person for evaluation; disjoint.
@@ -343,9 +406,23 @@ class PersonStream(IterableDataset):
                     yield sample
 
     def _eval_samples(self, slot: int, slots: int) -> Iterator[dict]:
-        for k, person in enumerate(self._records(iter(self.urls))):
+        """This slot's persons' samples.
+
+        Raises :class:`ShardReadError` when the split has no readable person record, or when
+        this slot's persons gave no sample at all.
+        """
+        persons = mine = delivered = 0
+        for k, person in enumerate(self._records(self.urls)):
+            persons += 1
             if k % slots == slot:
-                yield from self.person_eval_samples(person)
+                mine += 1
+                for sample in self.person_eval_samples(person):
+                    delivered += 1
+                    yield sample
+        if persons == 0:
+            raise self.no_samples_error(self.urls, "no person record could be read")
+        if mine and not delivered:
+            raise self.no_samples_error(self.urls, f"none of {mine} persons gave a sample")
 
     # -------------------------------------------------------------------- batches
     def _collate(self, samples: list[dict], rng: random.Random) -> dict:
@@ -401,13 +478,16 @@ class PersonStream(IterableDataset):
         else:
             rng = random.Random(self.seed)
             batch: list[dict] = []
+            full: list[dict] | None = None  # held back: collated once the next one is complete
             for sample in self._eval_samples(slot, slots):
                 batch.append(sample)
                 if len(batch) == self.batch_size:
-                    yield self._collate(batch, rng)
-                    batch = []
-            if batch:
-                yield self._collate(batch, rng)
+                    if full is not None:
+                        yield self._collate(full, rng)
+                    full, batch = batch, []
+            for rest in (full, batch):  # the last collated after the split ends: all its skips
+                if rest:
+                    yield self._collate(rest, rng)
 
 
 def _select(batch: dict, rows: list[int]) -> dict:
@@ -421,6 +501,22 @@ def _select(batch: dict, rows: list[int]) -> dict:
         else:
             out[key] = value
     return out
+
+
+DATA_RANGES = {
+    "batch_size": POSITIVE_INT,
+    "max_refs": POSITIVE_INT,
+    "min_refs": POSITIVE_INT,
+    "flip_ref_prob": PROBABILITY,
+    "hflip_prob": PROBABILITY,
+    "caption_prob": PROBABILITY,
+    "samples_per_epoch": POSITIVE_INT,
+    "num_workers": NONNEGATIVE_INT,
+    "seed": SEED,
+    "decode_cache_mb": NONNEGATIVE,
+    "ref_hflip_prob": PROBABILITY,
+}
+"""The allowed range of each numeric :class:`ShardDataModule` argument (``data.*`` in configs)."""
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -467,10 +563,27 @@ class ShardDataModule(L.LightningDataModule):
         ref_hflip_prob: float = 0.5,
     ) -> None:
         super().__init__()
-        if decode_cache_mb < 0:
-            raise ValueError(f"data.decode_cache_mb must be >= 0, got {decode_cache_mb}")
+        check_ranges("data.", locals(), DATA_RANGES)
+        if min_refs > max_refs:
+            raise RangeError(f"data.min_refs ({min_refs}) must not exceed data.max_refs "
+                             f"({max_refs})")  # fmt: skip
         self.save_hyperparameters()
         self.index: dict | None = None
+        self._skip_counter: Any = None  # a shared multiprocessing.Value, made with the first stream
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_skip_counter"] = None  # shared memory travels to DataLoader workers, not pickles
+        return state
+
+    @property
+    def skipped_records(self) -> int:
+        """Records and samples skipped so far by every stream of this DataModule.
+
+        Counted in every DataLoader worker of this process as it happens: unreadable shard data,
+        bad records, members that fail to decode.
+        """
+        return 0 if self._skip_counter is None else int(self._skip_counter.value)
 
     def setup(self, stage: str | None = None) -> None:
         """Read ``index.json``."""
@@ -495,6 +608,10 @@ class ShardDataModule(L.LightningDataModule):
         if not urls:
             raise ValueError(f"'{hp.shards}' has no {split} shards (see its index.json)")
         rank, world = self._rank_world()
+        if self._skip_counter is None:
+            import multiprocessing
+
+            self._skip_counter = multiprocessing.Value("q", 0)
         return PersonStream(
             urls,
             train,
@@ -512,6 +629,8 @@ class ShardDataModule(L.LightningDataModule):
             world_size=world,
             decode_cache_mb=hp.decode_cache_mb,
             ref_hflip_prob=hp.ref_hflip_prob,
+            skip_counter=self._skip_counter,
+            split=split,
         )
 
     def _loader(self, split: str, train: bool) -> DataLoader:
@@ -524,10 +643,17 @@ class ShardDataModule(L.LightningDataModule):
         )
 
     def records(self, split: str) -> Iterator[Person]:
-        """Every person record of ``split`` in shard order, all in this process (no rank split)."""
+        """Every readable person record of ``split`` in shard order, all in this process.
+
+        No rank split; :class:`ShardReadError` when the split has no readable record.
+        """
         stream = self._stream(split, False)
-        stream.rank, stream.world_size = 0, 1
-        return stream._records(iter(stream.urls))
+        any_record = False
+        for person in stream._records(stream.urls):
+            any_record = True
+            yield person
+        if not any_record:
+            raise stream.no_samples_error(stream.urls, "no person record could be read")
 
     def fixed_batches(self, split: str, num_persons: int, batch_size: int) -> list[dict]:
         """Evaluation batches of the first ``num_persons`` persons of a split, on any rank.
@@ -558,8 +684,7 @@ class ShardDataModule(L.LightningDataModule):
             (N, 68, 2); ``roles`` (N strings).
         """
         stream = self._stream(split, False)
-        stream.rank, stream.world_size = 0, 1
-        for k, person in enumerate(stream._records(iter(stream.urls))):
+        for k, person in enumerate(self.records(split)):
             if k == index:
                 entries = person.meta["images"]
                 return {

@@ -11,7 +11,7 @@ from PIL import Image
 
 from pva.adapter import read_adapter, save_adapter
 from pva.faces import BadImageError, detect_landmarks, face_centred_crop, load_rgb, region_box
-from pva.fileio import atomic_path
+from pva.fileio import atomic_path, check_output_file
 from pva.model import TEMPLATE
 from pva.personalize import FTVariant, personalized, trainable_for
 from pva.pipeline import PVAInpaintPipeline, _to_tensor
@@ -97,9 +97,11 @@ def personalize_cli(
         if not folders:
             raise ValueError(f"--refs '{refs_dir}' holds no photos and no person folders")
         persons = {p.name: (_photo_files(p), out_path / f"{p.name}.safetensors") for p in folders}
+        if out_path.exists() and not out_path.is_dir():
+            raise NotADirectoryError(f"--out '{out_path}' is a file; --refs holds person folders, "
+                                     f"so --out must be a folder")  # fmt: skip
     for _, target in persons.values():
-        if target.exists() and not overwrite:
-            raise FileExistsError(f"--out '{target}' exists; pass --overwrite")
+        check_output_file(target, "--out", overwrite)
     backbone, face_model = resolve_paths(adapter, backbone, face_model)
     pipe = load_pipeline(adapter, backbone, face_model)
     model = pipe.pva
@@ -152,8 +154,7 @@ def inpaint_cli(
         out_path.with_name(f"{out_path.stem}_{i}{out_path.suffix}") for i in range(num_images)
     ]  # fmt: skip
     for target in targets:
-        if target.exists() and not overwrite:
-            raise FileExistsError(f"--out '{target}' exists; pass --overwrite")
+        check_output_file(target, "--out", overwrite)
     if not Path(image).is_file():
         raise FileNotFoundError(f"--image '{image}' not found")
     if mask is not None and not Path(mask).is_file():

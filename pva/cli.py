@@ -5,6 +5,20 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from collections.abc import Callable
+
+from pva.checks import (
+    ETA,
+    GUIDANCE,
+    IMAGE_SIDE,
+    NONNEGATIVE,
+    NONNEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    PROBABILITY,
+    SEED,
+    Range,
+)
 
 
 def _quickstart(args: argparse.Namespace) -> None:
@@ -62,7 +76,7 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="conditioning arcface_torch .pth (default: recorded in the adapter)",
     )
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--seed", type=SEED.arg, default=0, help="random seed (default: 0)")
     p.add_argument("--overwrite", action="store_true", help="replace existing --out files")
     p.add_argument(
         "--skip-bad-refs",
@@ -85,8 +99,9 @@ def _evaluate(args: argparse.Namespace) -> None:
         persons=args.persons.split(",") if args.persons else None, shard_index=args.shard_index,
         num_shards=args.num_shards, batch_size=args.batch_size, seed=args.seed,
         prior_data=args.prior_data, prior_split=args.prior_split, prior_weight=args.prior_weight,
-        cd_eval_steps=[int(k) for k in args.cd_eval_steps.split(",") if k.strip()],
+        cd_eval_steps=list(args.cd_eval_steps),
         ft_lr=args.ft_lr, cd_params=args.cd_params, protocol=args.protocol, cd_lr=args.cd_lr,
+        overwrite=args.overwrite,
     )  # fmt: skip
     print(f"generated {results['generated_this_run']} images; results in {args.out}/results.md")
 
@@ -183,13 +198,19 @@ def _bench_sample(args: argparse.Namespace) -> None:
     bench_sample(steps=(args.short, args.long), cd_steps=args.cd_steps, guidance=args.guidance)
 
 
-def _float_list(text: str) -> tuple[float, ...]:
-    """``"1,4"`` -> ``(1.0, 4.0)``; an argparse type, so bad input names its flag."""
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        msg = f"expected comma-separated numbers, got '{text}'"
-        raise argparse.ArgumentTypeError(msg) from None
+def _number_list(allowed: Range) -> Callable[[str], tuple[float, ...]]:
+    """An argparse type: ``"1,4"`` -> ``(1, 4)``, each number in ``allowed``."""
+
+    def parse(text: str) -> tuple[float, ...]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        try:
+            return tuple(allowed.arg(t) for t in items)
+        except argparse.ArgumentTypeError:
+            msg = f"expected comma-separated numbers, each {allowed.describe()}, got '{text}'"
+            raise argparse.ArgumentTypeError(msg) from None
+
+    parse.allowed = allowed  # type: ignore[attr-defined]  # what tests/test_checks.py walks
+    return parse
 
 
 def _bench_text_use(args: argparse.Namespace) -> None:
@@ -222,22 +243,30 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     q.add_argument("--out", default="quickstart_out", help="output folder (default: %(default)s)")
-    q.add_argument("--steps", type=int, default=40, help="training steps (default: %(default)s)")
+    q.add_argument(
+        "--steps", type=POSITIVE_INT.arg, default=40, help="training steps (default: %(default)s)"
+    )
     q.add_argument(
         "--photos",
         default=None,
         help="folder of photos of ONE person (default: an embedded portrait)",
     )
     q.add_argument(
-        "--image-size", type=int, default=64, help="resolution, multiple of 16 (default: 64)"
+        "--image-size",
+        type=Range(16, integer=True, multiple_of=16).arg,
+        default=64,
+        help="resolution, multiple of 16 (default: 64)",
     )
     q.add_argument(
-        "--sample-steps", type=int, default=25, help="DDIM steps to inpaint (default: 25)"
+        "--sample-steps",
+        type=POSITIVE_INT.arg,
+        default=25,
+        help="DDIM steps to inpaint (default: 25)",
     )
     q.add_argument(
-        "--guidance", type=float, default=3.0, help="classifier-free guidance (default: 3.0)"
+        "--guidance", type=GUIDANCE.arg, default=3.0, help="classifier-free guidance (default: 3.0)"
     )
-    q.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    q.add_argument("--seed", type=SEED.arg, default=0, help="random seed (default: 0)")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     q.set_defaults(func=_quickstart)
 
@@ -257,9 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument(
         "--quick", action="store_true", help="a few-minute run of every stage (no evidence)"
     )
-    dm.add_argument("--seed", type=int, default=0, help="data and training seed (default: 0)")
+    dm.add_argument("--seed", type=SEED.arg, default=0, help="data and training seed (default: 0)")
     dm.add_argument(
-        "--seeds", type=int, default=None, help="evaluation seeds (default: 3; --quick: 1)"
+        "--seeds",
+        type=POSITIVE_INT.arg,
+        default=None,
+        help="evaluation seeds (default: 3; --quick: 1)",
     )
     dm.add_argument(
         "--only",
@@ -268,7 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="run only this stage (its inputs must exist)",
     )
     dm.add_argument(
-        "--workers", type=int, default=2, help="evaluation processes, 1 thread each (default: 2)"
+        "--workers",
+        type=POSITIVE_INT.arg,
+        default=2,
+        help="evaluation processes, 1 thread each (default: 2)",
     )
     dm.add_argument("--overwrite", action="store_true", help="delete --out and start over")
     dm.set_defaults(func=_demo)
@@ -286,7 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(pz)
     pz.add_argument("--refs", required=True, help="folder of one person's photos, or of persons")
     pz.add_argument("--out", required=True, help="output .safetensors (a folder for persons)")
-    pz.add_argument("--steps", type=int, default=40, help="optimizer steps (default: 40)")
+    pz.add_argument(
+        "--steps", type=POSITIVE_INT.arg, default=40, help="optimizer steps (default: 40)"
+    )
     pz.add_argument(
         "--variant",
         choices=["pva", "crossqkv"],
@@ -325,11 +362,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="inpaint: identity only in the conditional branch; edit: in both (METHOD 8)",
     )
     ip.add_argument(
-        "--guidance", type=float, default=6.0, help="CFG scale (default: 6; edit: 15-30)"
+        "--guidance", type=GUIDANCE.arg, default=6.0, help="CFG scale (default: 6; edit: 15-30)"
     )
-    ip.add_argument("--steps", type=int, default=100, help="DDIM steps (default: 100)")
-    ip.add_argument("--eta", type=float, default=1.0, help="DDIM eta (default: 1.0)")
-    ip.add_argument("--num-images", type=int, default=1, help="outputs (default: 1)")
+    ip.add_argument("--steps", type=POSITIVE_INT.arg, default=100, help="DDIM steps (default: 100)")
+    ip.add_argument("--eta", type=ETA.arg, default=1.0, help="DDIM eta (default: 1.0)")
+    ip.add_argument(
+        "--num-images", type=Range(1, 64, integer=True).arg, default=1, help="outputs (default: 1)"
+    )
     ip.add_argument(
         "--paste-back",
         action=argparse.BooleanOptionalAction,
@@ -344,7 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the paper's evaluation protocol for PVA and baselines (resumable, shardable)",
         description=(
             "Inpaints every test target under each mask per method, runs the editing track, "
-            "and writes results.json, results.md and image grids. Existing outputs are reused."
+            "and writes results.json, results.md and image grids. Existing outputs are reused "
+            "when OUT/run.json shows the same data, models and settings (methods and persons "
+            "may be added); other inputs are refused."
         ),
     )
     ev.add_argument(
@@ -360,26 +401,39 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--backbone", default=None, help="SD2-inpainting folder (default: adapter's)")
     ev.add_argument("--face-model", default=None, help="conditioning .pth (default: adapter's)")
     ev.add_argument("--split", default="test", help="split (default: test)")
-    ev.add_argument("--num-refs", type=int, default=5, help="references per person (1..5)")
+    ev.add_argument(
+        "--num-refs",
+        type=Range(1, 5, integer=True).arg,
+        default=5,
+        help="references per person (1..5)",
+    )
     ev.add_argument(
         "--masks", default="lowerface,eyebrow,wholeface,random", help="comma list of masks"
     )
-    ev.add_argument("--guidance", type=float, default=6.0, help="inpainting CFG (paper: 1 or 6)")
-    ev.add_argument("--edit-guidance", type=float, default=15.0, help="editing CFG (15 or 30)")
-    ev.add_argument("--steps", type=int, default=100, help="DDIM steps (default: 100)")
-    ev.add_argument("--eta", type=float, default=1.0, help="DDIM eta (default: 1.0)")
-    ev.add_argument("--ft-steps", type=int, default=40, help="pva-ft40/crossqkv-ft40 steps")
-    ev.add_argument("--cd-steps", type=int, default=1000, help="custom-diffusion steps")
+    ev.add_argument(
+        "--guidance", type=GUIDANCE.arg, default=6.0, help="inpainting CFG (paper: 1 or 6)"
+    )
+    ev.add_argument(
+        "--edit-guidance", type=GUIDANCE.arg, default=15.0, help="editing CFG (15 or 30)"
+    )
+    ev.add_argument("--steps", type=POSITIVE_INT.arg, default=100, help="DDIM steps (default: 100)")
+    ev.add_argument("--eta", type=ETA.arg, default=1.0, help="DDIM eta (default: 1.0)")
+    ev.add_argument(
+        "--ft-steps", type=POSITIVE_INT.arg, default=40, help="pva-ft40/crossqkv-ft40 steps"
+    )
+    ev.add_argument(
+        "--cd-steps", type=POSITIVE_INT.arg, default=1000, help="custom-diffusion steps"
+    )
     ev.add_argument(
         "--ft-lr",
-        type=float,
+        type=POSITIVE.arg,
         default=1e-5,
         help="attention learning rate of every fine-tuning method per timestep draw of a step "
         "(paper, SD2: 1e-5, i.e. 2e-5 per step of 2 draws)",
     )
     ev.add_argument(
         "--cd-lr",
-        type=float,
+        type=POSITIVE.arg,
         default=None,
         help="custom-diffusion's learning rate per timestep draw (default: --ft-lr; the paper's "
         "runs stepped at 0.4x PVA-FT's rate)",
@@ -402,7 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument(
         "--cd-eval-steps",
-        default="",
+        type=_number_list(POSITIVE_INT),
+        default=(),
         help="comma list: also score custom-diffusion after these steps, e.g. 40,100,300",
     )
     ev.add_argument("--no-edit", action="store_true", help="skip the editing track")
@@ -424,21 +479,37 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="paste input pixels outside the mask (off; refused with --protocol paper)",
     )
-    ev.add_argument("--max-persons", type=int, default=None, help="first N persons only")
+    ev.add_argument(
+        "--max-persons", type=POSITIVE_INT.arg, default=None, help="first N persons only"
+    )
     ev.add_argument(
         "--persons", default=None, help="comma list of person ids: evaluate only these, in order"
     )
-    ev.add_argument("--shard-index", type=int, default=0, help="this process's shard")
-    ev.add_argument("--num-shards", type=int, default=1, help="processes sharing the persons")
-    ev.add_argument("--batch-size", type=int, default=4, help="images per sampling call")
-    ev.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    ev.add_argument(
+        "--shard-index", type=NONNEGATIVE_INT.arg, default=0, help="this process's shard"
+    )
+    ev.add_argument(
+        "--num-shards", type=POSITIVE_INT.arg, default=1, help="processes sharing the persons"
+    )
+    ev.add_argument(
+        "--batch-size", type=POSITIVE_INT.arg, default=4, help="images per sampling call"
+    )
+    ev.add_argument("--seed", type=SEED.arg, default=0, help="seed (default: 0)")
     ev.add_argument(
         "--prior-data",
         default=None,
         help="custom-diffusion prior preservation: shards of other persons (default: off)",
     )
     ev.add_argument("--prior-split", default="train", help="split of --prior-data (train)")
-    ev.add_argument("--prior-weight", type=float, default=1.0, help="prior loss weight (1.0)")
+    ev.add_argument(
+        "--prior-weight", type=NONNEGATIVE.arg, default=1.0, help="prior loss weight (1.0)"
+    )
+    ev.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete --out first; without it an existing --out is resumed only if it was made "
+        "from the same data, models and settings (OUT/run.json), and refused otherwise",
+    )
     ev.set_defaults(func=_evaluate)
 
     rh = sub.add_parser(
@@ -477,7 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a tiny random SD2-inpainting folder and ArcFace .pth (for configs/tiny.yaml)",
     )
     t.add_argument("--out", default="runs/tiny_assets", help="folder (default: %(default)s)")
-    t.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
+    t.add_argument(
+        "--seed", type=SEED.arg, default=0, help="seed of the random weights (default: 0)"
+    )
     t.set_defaults(func=_tiny_assets)
 
     shards = sub.add_parser("shards", help="build WebDataset shards from photos")
@@ -499,22 +572,37 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="source layout (default: auto-detect)",
     )
-    b.add_argument("--image-size", type=int, default=512, help="stored image side (default: 512)")
     b.add_argument(
-        "--num-refs", type=int, default=5, help="CelebAHQ-IDI: read idi-N.json (default: 5)"
+        "--image-size", type=IMAGE_SIDE.arg, default=512, help="stored image side (default: 512)"
     )
     b.add_argument(
-        "--persons-per-shard", type=int, default=64, help="person records per shard (default: 64)"
+        "--num-refs",
+        type=POSITIVE_INT.arg,
+        default=5,
+        help="CelebAHQ-IDI: read idi-N.json (default: 5)",
     )
     b.add_argument(
-        "--min-images", type=int, default=2, help="drop persons with fewer usable photos (2)"
+        "--persons-per-shard",
+        type=POSITIVE_INT.arg,
+        default=64,
+        help="person records per shard (default: 64)",
     )
-    b.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
     b.add_argument(
-        "--val-fraction", type=float, default=0.1, help="people: validation persons (0.1)"
+        "--min-images",
+        type=Range(2, integer=True).arg,
+        default=2,
+        help="drop persons with fewer usable photos (2)",
     )
-    b.add_argument("--test-fraction", type=float, default=0.3, help="people: test persons (0.3)")
-    b.add_argument("--seed", type=int, default=0, help="people: split seed (default: 0)")
+    b.add_argument(
+        "--workers", type=POSITIVE_INT.arg, default=1, help="worker processes (default: 1)"
+    )
+    b.add_argument(
+        "--val-fraction", type=PROBABILITY.arg, default=0.1, help="people: validation persons (0.1)"
+    )
+    b.add_argument(
+        "--test-fraction", type=PROBABILITY.arg, default=0.3, help="people: test persons (0.3)"
+    )
+    b.add_argument("--seed", type=SEED.arg, default=0, help="people: split seed (default: 0)")
     b.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     b.set_defaults(func=_shards_build)
 
@@ -529,8 +617,15 @@ def build_parser() -> argparse.ArgumentParser:
             "the full SD2-inpainting config (meta device) and PVA's FLOP overhead per step."
         ),
     )
-    a.add_argument("--repeats", type=int, default=10, help="timed runs per figure (default: 10)")
-    a.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    a.add_argument(
+        "--repeats", type=POSITIVE_INT.arg, default=10, help="timed runs per figure (default: 10)"
+    )
+    a.add_argument(
+        "--threads",
+        type=NONNEGATIVE_INT.arg,
+        default=0,
+        help="torch CPU threads (default: torch's)",
+    )
     a.add_argument("--small", action="store_true", help="tiny shapes: a smoke run, no figures")
     a.add_argument("--forward-only", action="store_true", help="skip forward+backward timing")
     a.set_defaults(func=_bench_attention)
@@ -546,28 +641,49 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--photos", default="../shared/data/faces", help="photo root (default: %(default)s)"
     )
-    d.add_argument("--image-size", type=int, default=512, help="resolution (default: 512)")
-    d.add_argument("--refs", type=int, default=5, help="references per sample (default: 5)")
-    d.add_argument("--samples", type=int, default=60, help="samples timed per layout (60)")
-    d.add_argument("--build-workers", type=int, default=2, help="shard-build processes (2)")
+    d.add_argument(
+        "--image-size", type=IMAGE_SIDE.arg, default=512, help="resolution (default: 512)"
+    )
+    d.add_argument(
+        "--refs", type=POSITIVE_INT.arg, default=5, help="references per sample (default: 5)"
+    )
+    d.add_argument(
+        "--samples", type=POSITIVE_INT.arg, default=60, help="samples timed per layout (60)"
+    )
+    d.add_argument(
+        "--build-workers", type=POSITIVE_INT.arg, default=2, help="shard-build processes (2)"
+    )
     d.set_defaults(func=_bench_data)
     st = bench_sub.add_parser(
         "step",
         help="PVA training step vs the frozen base UNet's forward+backward (tiny, mid; CPU)",
     )
-    st.add_argument("--batch-size", type=int, default=2, help="images per step (default: 2)")
-    st.add_argument("--refs", type=int, default=5, help="references per image (default: 5)")
-    st.add_argument("--repeats", type=int, default=5, help="timed runs per row (default: 5)")
-    st.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    st.add_argument(
+        "--batch-size", type=POSITIVE_INT.arg, default=2, help="images per step (default: 2)"
+    )
+    st.add_argument(
+        "--refs", type=POSITIVE_INT.arg, default=5, help="references per image (default: 5)"
+    )
+    st.add_argument(
+        "--repeats", type=POSITIVE_INT.arg, default=5, help="timed runs per row (default: 5)"
+    )
+    st.add_argument(
+        "--threads",
+        type=NONNEGATIVE_INT.arg,
+        default=0,
+        help="torch CPU threads (default: torch's)",
+    )
     st.set_defaults(func=_bench_step)
     sa = bench_sub.add_parser(
         "sample",
         help="ms per DDIM step vs diffusers' inpainting pipeline; 40-step PVA-FT vs 1000-step CD",
     )
-    sa.add_argument("--short", type=int, default=5, help="short DDIM run (default: 5)")
-    sa.add_argument("--long", type=int, default=25, help="long DDIM run (default: 25)")
-    sa.add_argument("--cd-steps", type=int, default=1000, help="Custom-Diffusion steps (1000)")
-    sa.add_argument("--guidance", type=float, default=6.0, help="CFG scale (default: 6)")
+    sa.add_argument("--short", type=POSITIVE_INT.arg, default=5, help="short DDIM run (default: 5)")
+    sa.add_argument("--long", type=POSITIVE_INT.arg, default=25, help="long DDIM run (default: 25)")
+    sa.add_argument(
+        "--cd-steps", type=POSITIVE_INT.arg, default=1000, help="Custom-Diffusion steps (1000)"
+    )
+    sa.add_argument("--guidance", type=GUIDANCE.arg, default=6.0, help="CFG scale (default: 6)")
     sa.set_defaults(func=_bench_sample)
     tu = bench_sub.add_parser(
         "text-use",
@@ -576,8 +692,10 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--run", required=True, help="a finished `pva demo --out` folder")
     tu.add_argument("--backbone", default=None,
                     help="backbone folder to measure (default: RUN/models/backbone)")  # fmt: skip
-    tu.add_argument("--persons", type=int, default=16, help="validation persons (default: 16)")
-    tu.add_argument("--guidance", type=_float_list, default=(1.0, 4.0),
+    tu.add_argument(
+        "--persons", type=POSITIVE_INT.arg, default=16, help="validation persons (default: 16)"
+    )
+    tu.add_argument("--guidance", type=_number_list(GUIDANCE), default=(1.0, 4.0),
                     help="comma-separated CFG scales (default: 1,4)")  # fmt: skip
     tu.set_defaults(func=_bench_text_use)
     me = bench_sub.add_parser(
@@ -593,7 +711,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--models", default="rehearse_out/models", help="pva rehearse's OUT/models (%(default)s)"
     )
     me.add_argument("--options", default=None, help="comma list of options (default: all)")
-    me.add_argument("--image-size", type=int, default=512, help="image side (default: 512)")
+    me.add_argument(
+        "--image-size", type=IMAGE_SIDE.arg, default=512, help="image side (default: 512)"
+    )
     me.set_defaults(func=_bench_memory)
     hr = bench_sub.add_parser(
         "headroom",
@@ -607,13 +727,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "RUN/eval/cd-seed<k> holds Custom Diffusion's fills)")  # fmt: skip
     hr.add_argument(
         "--draws",
-        type=int,
+        type=POSITIVE_INT.arg,
         default=2,
         help="other persons whose hidden attributes re-render each target (2)",
     )
     hr.add_argument(
         "--oracle-steps",
-        type=int,
+        type=NONNEGATIVE_INT.arg,
         default=0,
         help="also train stage 1 this long on true-attribute embeddings and "
         "inpaint with them (default: 0, off; the demo's stage 1 is 1200)",
@@ -623,14 +743,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``pva`` console script."""
+    """Entry point of the ``pva`` console script.
+
+    Errors the user can fix print one line (``pva <command>: error: ...``, exit status 2);
+    warnings print as ``pva <command>: warning: ...``, without a source location.
+    """
     args = build_parser().parse_args(argv)
-    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+    name = f"pva {args.command}"
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+        print(f"{name}: warning: {message}", file=sys.stderr)
+
+    previous = warnings.showwarning
+    warnings.showwarning = show
     try:
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
         args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as err:
-        print(f"pva {args.command}: error: {err}", file=sys.stderr)
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+            ValueError, RuntimeError) as err:  # fmt: skip
+        print(f"{name}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = previous
     return 0
 
 

@@ -41,7 +41,18 @@ from tqdm.auto import tqdm
 from datamodules.masks import EVAL_MASKS
 from datamodules.shards import ShardDataModule, decode_jpeg
 from pva.backbone import model_resolution
-from pva.fileio import atomic_path
+from pva.checks import (
+    ETA,
+    GUIDANCE,
+    NONNEGATIVE,
+    NONNEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    SEED,
+    Range,
+    check_ranges,
+)
+from pva.fileio import atomic_path, check_record, content_stamp, remove_path
 from pva.metrics import (
     FeatureFn,
     InceptionFeatures,
@@ -69,6 +80,25 @@ EDIT_SUFFIXES = (
 _FT = {"pva-ft40": "pva", "crossqkv-ft40": "crossqkv", "custom-diffusion": "custom-diffusion"}
 PROTOCOLS = ("ours", "paper")
 """``pva evaluate --protocol``: ``ours`` or ``paper`` (see :func:`evaluate`)."""
+RANGES = {
+    "num_refs": Range(1, 5, integer=True),
+    "guidance": GUIDANCE,
+    "edit_guidance": GUIDANCE,
+    "steps": POSITIVE_INT,
+    "eta": ETA,
+    "ft_steps": POSITIVE_INT,
+    "cd_steps": POSITIVE_INT,
+    "max_persons": POSITIVE_INT,
+    "shard_index": NONNEGATIVE_INT,
+    "num_shards": POSITIVE_INT,
+    "batch_size": POSITIVE_INT,
+    "seed": SEED,
+    "prior_weight": NONNEGATIVE,
+    "ft_lr": POSITIVE,
+    "cd_lr": POSITIVE,
+}
+"""The allowed range of each numeric argument of :func:`evaluate` (and flag of ``pva evaluate``)."""
+
 CD_PARAMS = {"crossattn": "custom-diffusion", "crossattn_kv": "custom-diffusion-kv"}
 """``--cd-params``: what Custom Diffusion fine-tunes (``cd_train.py --freeze_model``)."""
 
@@ -219,16 +249,26 @@ class Evaluator:
 
 
 def _shards_for_folder(folder: str, shards: Path, split: str, model: PVAModel) -> str:
-    """Build (once) shards of a people folder with every person in ``split``."""
+    """Build shards of a people folder with every person in ``split``, once per content.
+
+    ``shards/source.json`` records what they were built from (the folder's content stamp, the
+    split and the size); when that differs from ``folder`` now, they are built again.
+    """
     from pva.shards import build_shards
 
-    if not (shards / "index.json").is_file():
-        size = model_resolution(model.unet, model.vae)
-        fractions = {"test": (0.0, 1.0), "val": (1.0, 0.0)}.get(split)
-        if fractions is None:
-            raise ValueError(f"a photo folder can be evaluated as split test or val, not {split}")
-        build_shards(folder, shards, image_size=size, val_fraction=fractions[0],
-                     test_fraction=fractions[1], overwrite=True)  # fmt: skip
+    size = model_resolution(model.unet, model.vae)
+    fractions = {"test": (0.0, 1.0), "val": (1.0, 0.0)}.get(split)
+    if fractions is None:
+        raise ValueError(f"a photo folder can be evaluated as split test or val, not {split}")
+    source = {"data": content_stamp(folder), "split": split, "image_size": size}
+    record = shards / "source.json"
+    if (shards / "index.json").is_file() and record.is_file():
+        if json.loads(record.read_text()) == json.loads(json.dumps(source)):
+            return str(shards)
+    build_shards(folder, shards, image_size=size, val_fraction=fractions[0],
+                 test_fraction=fractions[1], overwrite=True)  # fmt: skip
+    with atomic_path(record) as tmp:
+        tmp.write_text(json.dumps(source, indent=1))
     return str(shards)
 
 
@@ -238,7 +278,7 @@ def _prior_sampler(shards: str, split: str, num_refs: int) -> Callable[[torch.Ge
     stream = dm._stream(split, False)
     stream.rank, stream.world_size = 0, 1
     pool = []
-    for rec in stream._records(iter(stream.urls)):
+    for rec in dm.records(split):
         pool.extend(stream.person_eval_samples(rec))
         if len(pool) >= 256:
             break
@@ -301,6 +341,7 @@ def evaluate(
     cd_params: str = "crossattn",
     protocol: str = "ours",
     cd_lr: float | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Run the protocol; returns the results dict also written to ``OUT/results.json``.
 
@@ -360,10 +401,28 @@ def evaluate(
         cd_lr: ``custom-diffusion``'s attention learning rate per (target x timestep draw);
             ``None``: ``ft_lr``. The paper's Custom Diffusion runs stepped at 8e-6 (1e-6 x batch
             1 x accumulation 4 x 2 GPUs, ``scale_lr``; ``script/submit.py``), 0.4x PVA-FT's 2e-5.
+        overwrite: Delete ``out`` first. Otherwise an existing ``out`` is resumed only when
+            ``OUT/run.json`` shows it was made from the same inputs and settings (the data's and
+            models' content stamps, split, masks, sampling and fine-tuning settings, protocol);
+            any difference is refused with the keys that differ. ``methods``, ``persons``,
+            ``max_persons``, sharding, ``batch_size`` and the scorers may change between runs.
+
+    Raises:
+        FileExistsError: ``out`` holds an evaluation made from other inputs.
+        RangeError: A number outside its range (:data:`RANGES`).
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    check_ranges("--", locals(), RANGES)
+    for k in cd_eval_steps:
+        POSITIVE_INT.check("--cd-eval-steps", k)
+    if shard_index >= num_shards:
+        message = f"--shard-index must be below --num-shards ({num_shards})"
+        raise ValueError(f"{message}, got {shard_index}")
+    if overwrite and num_shards > 1:
+        raise ValueError("--overwrite deletes --out, so it cannot run in --num-shards processes; "
+                         "delete --out first, then start them")  # fmt: skip
     if protocol not in PROTOCOLS:
         raise ValueError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
     if cd_params not in CD_PARAMS:
@@ -376,6 +435,8 @@ def evaluate(
     if any(m != "sd-inpaint" for m in methods) and adapter is None:
         raise ValueError("--adapter is required for every method but sd-inpaint")
     out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir() and not overwrite:
+        raise FileExistsError(f"--out '{out_dir}' is a file, not a folder; pass --overwrite")
     if inception_weights is not None and feature_fn is None:  # fails early, clearly, if absent
         feature_fn = InceptionFeatures(inception_weights, "clean" if paper else "tf1-bilinear")
     clip = None
@@ -392,12 +453,45 @@ def evaluate(
     else:
         scorer = build_recognizer(recognizer)
     if adapter is not None:
+        from pva.apps import resolve_paths
+
+        if not Path(adapter).is_file():
+            raise FileNotFoundError(f"--adapter '{adapter}' not found")
+        backbone, face_model = resolve_paths(adapter, backbone, face_model)
+    elif backbone is None or face_model is None:
+        raise ValueError("without --adapter, give --backbone and --face-model")
+    if not Path(data).is_dir():
+        raise FileNotFoundError(f"--data '{data}' is not a folder")
+    for flag, path in (("--face-model", face_model), ("--prior-data", prior_data)):
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"{flag} '{path}' not found")
+    if overwrite and (out_dir.exists() or out_dir.is_symlink()):
+        remove_path(out_dir)
+    inputs = {
+        "data": content_stamp(data),
+        "adapter": None if adapter is None else content_stamp(adapter),
+        "backbone": content_stamp(backbone) if Path(backbone).exists() else backbone,  # or hub id
+        "face_model": content_stamp(face_model),
+        "prior_data": None if prior_data is None else content_stamp(prior_data),
+        "split": split, "num_refs": num_refs, "masks": list(masks), "guidance": guidance,
+        "edit_guidance": edit_guidance, "steps": steps, "eta": eta, "ft_steps": ft_steps,
+        "cd_steps": cd_steps, "edit": edit, "paste_back": paste_back, "seed": seed,
+        "prior_split": prior_split, "prior_weight": prior_weight, "ft_lr": ft_lr,
+        "cd_params": cd_params, "protocol": protocol, "cd_lr": cd_lr,
+    }  # fmt: skip
+    record = out_dir / "run.json"
+    if out_dir.is_dir():  # anything but the record is written after it: check the record last
+        made = [p for p in out_dir.iterdir() if p.name not in ("run.json",) and p.name[0] != "."]
+        if made and not record.is_file():
+            raise FileExistsError(f"--out '{out_dir}' holds files but no run.json recording what "
+                                  f"they were made from; use another --out, or pass --overwrite")
+    check_record(record, inputs, f"--out '{out_dir}'",
+                 "use another --out, or pass --overwrite to start it over")  # fmt: skip
+    if adapter is not None:
         from pva.apps import load_pipeline
 
         model = load_pipeline(adapter, backbone, face_model).pva
     else:
-        if backbone is None or face_model is None:
-            raise ValueError("without --adapter, give --backbone and --face-model")
         model = PVAModel.from_paths(backbone, face_model)
     assert model is not None
     if not (Path(data) / "index.json").is_file():
@@ -412,7 +506,7 @@ def evaluate(
         ev.prior = _prior_sampler(prior_data, prior_split, num_refs)
         ev.prior_weight = prior_weight
     timings: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    records = list(stream._records(iter(stream.urls)))
+    records = list(dm.records(split))
     if persons is not None:
         by_id = {rec.meta["person"]: rec for rec in records}
         missing = [p for p in persons if p not in by_id]

@@ -10,6 +10,8 @@ size, clipped to the image, with the same integer truncation.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -47,26 +49,45 @@ class BadImageError(ValueError):
     """A photo cannot be used; the message is the reason recorded in the shard index."""
 
 
+@contextmanager
+def pixel_limit() -> Iterator[None]:
+    """Make :data:`MAX_PIXELS` the decompression-bomb limit of the images opened inside.
+
+    PIL's own guard (``Image.MAX_IMAGE_PIXELS``, 89.5 MP) would otherwise refuse photos below
+    the project's limit; inside, any image over :data:`MAX_PIXELS` raises :class:`BadImageError`.
+    """
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise BadImageError(f"too large: over the {MAX_PIXELS:,}-pixel limit ({err})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
 def load_rgb(path: str | Path) -> np.ndarray:
     """Read any common photo as (H, W, 3) uint8 RGB.
 
     EXIF orientation is applied; grayscale, palette, RGBA (composited on white), CMYK and 16-bit
-    images are converted. Truncated or unreadable files raise :class:`BadImageError`.
+    images are converted. Truncated, unreadable or too large (over :data:`MAX_PIXELS`) files
+    raise :class:`BadImageError`.
     """
     path = Path(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                if img.width * img.height > MAX_PIXELS:
-                    raise BadImageError(f"too large ({img.width}x{img.height} pixels)")
-                img.load()
-                img = ImageOps.exif_transpose(img)
-                return _to_rgb(img)
+        with pixel_limit(), Image.open(path) as img:
+            if img.width * img.height > MAX_PIXELS:
+                raise BadImageError(
+                    f"too large: {img.width}x{img.height} is over the {MAX_PIXELS:,}-pixel limit"
+                )
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb(img)
     except BadImageError:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as err:  # fmt: skip
+    except (OSError, SyntaxError, ValueError) as err:
         raise BadImageError(f"unreadable image ({type(err).__name__}: {err})") from None
 
 
@@ -193,10 +214,8 @@ class FaceCrop:
     box: tuple[int, int, int] = (0, 0, 0)
 
 
-def face_centred_crop(
-    image: np.ndarray, landmarks: np.ndarray, size: int, context: float = 2.2
-) -> FaceCrop:
-    """Square crop around the face, resized to ``size`` (edge-padded beyond the photo).
+def face_square(landmarks: np.ndarray, context: float = 2.2) -> tuple[int, int, int]:
+    """The face-centred square ``(left, top, side)`` in the photo's pixels (may pass its edges).
 
     The side is ``context`` x the landmark box's larger side (2.2 frames the face roughly as
     CelebA-HQ does), centred slightly above the landmark centre to include the forehead.
@@ -204,15 +223,31 @@ def face_centred_crop(
     (x0, y0), (x1, y1) = landmarks.min(0), landmarks.max(0)
     side = context * max(x1 - x0, y1 - y0)
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2 - 0.1 * (y1 - y0)
-    left, top = int(round(cx - side / 2)), int(round(cy - side / 2))
-    side_i = max(1, int(round(side)))
+    return int(round(cx - side / 2)), int(round(cy - side / 2)), max(1, int(round(side)))
+
+
+def crop_square(
+    image: np.ndarray, landmarks: np.ndarray, box: tuple[int, int, int], size: int
+) -> FaceCrop:
+    """Cut ``box`` = ``(left, top, side)`` out of ``image`` and resize it to ``size``.
+
+    Beyond the photo's edges the crop is edge-padded; the landmarks follow into its pixels.
+    """
+    left, top, side = box
     h, w = image.shape[:2]
-    pad = max(0, -left, -top, left + side_i - w, top + side_i - h)
+    pad = max(0, -left, -top, left + side - w, top + side - h)
     src = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="edge") if pad else image
-    crop = src[top + pad : top + pad + side_i, left + pad : left + pad + side_i]
+    crop = src[top + pad : top + pad + side, left + pad : left + pad + side]
     out = np.asarray(Image.fromarray(crop).resize((size, size), Image.LANCZOS))
-    pts = (landmarks - np.array([left, top], dtype=np.float32)) * (size / side_i)
-    return FaceCrop(out, pts.astype(np.float32), (left, top, side_i))
+    pts = (landmarks - np.array([left, top], dtype=np.float32)) * (size / side)
+    return FaceCrop(out, pts.astype(np.float32), (left, top, side))
+
+
+def face_centred_crop(
+    image: np.ndarray, landmarks: np.ndarray, size: int, context: float = 2.2
+) -> FaceCrop:
+    """Square crop around the face (:func:`face_square`), resized to ``size``."""
+    return crop_square(image, landmarks, face_square(landmarks, context), size)
 
 
 def resize_square(image: np.ndarray, landmarks: np.ndarray, size: int) -> FaceCrop:

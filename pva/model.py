@@ -30,6 +30,7 @@ from pva.attention import (
     set_attention_impl,
 )
 from pva.backbone import Backbone, load_backbone
+from pva.checks import NONNEGATIVE, POSITIVE, POSITIVE_INT, Range, check_ranges
 from pva.identity import FaceCrop, IdentityEncoder, IdentityProjection, IResNet, load_iresnet
 from pva.objective import keep_mask, stratified_timesteps
 from pva.token import ModifierToken
@@ -38,6 +39,18 @@ TEMPLATE = "photo of a {} person"
 """Prompt template; ``TEMPLATE.format("<new1>")`` is the paper's conditional prompt."""
 UNCOND_PROMPT = "photo of a person"
 """Prompt of the unconditional branch in inpainting mode (METHOD section 8)."""
+
+
+CONFIG_RANGES = {
+    "decoupled_scale": NONNEGATIVE,
+    "num_identity_tokens": POSITIVE_INT,
+    "projection_layers": POSITIVE_INT,
+    "projection_heads": POSITIVE_INT,
+    "projection_ffn": POSITIVE_INT,
+    "projection_dropout": Range(0, 1),
+    "projection_query_std": POSITIVE,
+}
+"""The allowed range of each numeric :class:`PVAConfig` field (``model.pva.*`` in configs)."""
 
 
 @dataclass
@@ -78,6 +91,9 @@ class PVAConfig:
     "person" makes the initial prompt "photo of a person person", a neutral start]."""
     train_face_backbone: bool = False
     """Fine-tune the face recognizer's weights (stage 2); it stays in eval mode."""
+
+    def __post_init__(self) -> None:
+        check_ranges("model.pva.", vars(self), CONFIG_RANGES)
 
 
 class PVAModel(nn.Module):

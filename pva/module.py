@@ -18,8 +18,22 @@ import torch
 from torch import Tensor
 
 from pva.adapter import load_adapter, save_adapter
+from pva.checks import NONNEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, check_ranges
 from pva.model import PVAConfig, PVAModel
 from pva.objective import fused_adam_ok
+
+MODULE_RANGES = {
+    "batch_size": POSITIVE_INT,
+    "lr_pva": POSITIVE,
+    "lr_projection": POSITIVE,
+    "lr_token": POSITIVE,
+    "lr_face_backbone": POSITIVE,
+    "weight_decay": NONNEGATIVE,
+    "timestep_draws": POSITIVE_INT,
+    "text_dropout": PROBABILITY,
+    "identity_dropout": PROBABILITY,
+}
+"""The allowed range of each numeric :class:`PVAModule` argument (``model.*`` in configs)."""
 
 DEFAULT_PVA = PVAConfig()
 """The paper's architecture (frozen; each module takes a private copy)."""
@@ -100,6 +114,7 @@ class PVAModule(L.LightningModule):
         compile_backend: str = "inductor",
     ) -> None:
         super().__init__()
+        check_ranges("model.", locals(), MODULE_RANGES)
         if isinstance(pva, dict):  # as stored in checkpoint hyperparameters
             pva = PVAConfig(**pva)
         self.pva_config = dataclasses.replace(pva)  # a private copy
@@ -110,6 +125,7 @@ class PVAModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold the adapter only; checked in on_load
         self.effective_lrs: dict[str, float] = {}
         self.nonfinite_skipped = 0
+        self._batch_skips = 0
         self._step_start: float | None = None
         if frozen_dtype not in ("float32", "bfloat16", "float16"):
             allowed = "float32, bfloat16 or float16"
@@ -202,14 +218,20 @@ class PVAModule(L.LightningModule):
             self.log("train/nonfinite_skipped", float(self.nonfinite_skipped))
             return None
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["prompt"]))
-        if "skipped" in batch:  # corrupt or unknown shard records skipped by the data stream
-            self.log(
-                "data/skipped_records",
-                batch["skipped"].float(),
-                reduce_fx="sum",
-                batch_size=len(batch["prompt"]),
-            )
         return loss
+
+    def skipped_records(self, batch: dict[str, Any] | None = None) -> int:
+        """Shard records and samples skipped so far on this rank (corrupt or unknown data).
+
+        The DataModule's live count when it keeps one (:class:`datamodules.ShardDataModule`
+        counts in every worker as records are read), else the sum of the batches' ``skipped``.
+        """
+        counted = getattr(getattr(self.trainer, "datamodule", None), "skipped_records", None)
+        if isinstance(counted, int):
+            return counted
+        if batch is not None and "skipped" in batch:
+            self._batch_skips += int(batch["skipped"])
+        return self._batch_skips
 
     @torch.no_grad()
     def with_cached_encodings(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -258,10 +280,23 @@ class PVAModule(L.LightningModule):
         self._step_start = time.perf_counter()
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
-        """Log samples/s of this batch (per device)."""
+        """Log samples/s of this batch (per device) and the records skipped so far (all ranks)."""
         if self._step_start is not None:
             seconds = time.perf_counter() - self._step_start
             self.log("train/samples_per_s", len(batch["prompt"]) / max(seconds, 1e-9))
+        self.log("data/skipped_records", float(self.skipped_records(batch)), reduce_fx="sum",
+                 sync_dist=self.trainer.world_size > 1)  # fmt: skip
+
+    def on_train_end(self) -> None:
+        """Log the final count of skipped records (a last step need not be a logging step)."""
+        total = self.skipped_records()
+        if self.logger is not None:
+            self.logger.log_metrics({"data/skipped_records": float(total)}, step=self.global_step)
+        if total:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(f"{total} shard records or samples were skipped on rank 0 (each "
+                           f"warned above; logged as data/skipped_records)")  # fmt: skip
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Log the global L2 norm of the trainable parameters' gradients."""

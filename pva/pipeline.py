@@ -7,8 +7,9 @@
     out = pipe(image, mask_region="lowerface", reference_images=refs,
                prompt="photo of a <new1> person, smiling").images[0]
 
-Photos of any size work: the face is found with dlib, a face-centred square around it is inpainted
-at the model resolution, and the result is composited back. With ``paste_back`` (default) every
+Photos of any size work: the face is found with dlib, a face-centred square around it (grown to
+hold the whole mask when the mask reaches past it) is inpainted at the model resolution, and the
+result is composited back. With ``paste_back`` (default) every
 pixel outside the mask equals the input exactly.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,13 +33,17 @@ from PIL import Image
 
 from pva.adapter import config_from_adapter, load_adapter, read_adapter, save_adapter
 from pva.backbone import Backbone, load_backbone, model_resolution
+from pva.checks import ETA, GUIDANCE, POSITIVE_INT, check_ranges
 from pva.faces import (
     BadImageError,
     _to_rgb,
     align_face,
+    crop_square,
     detect_landmarks,
     face_centred_crop,
+    face_square,
     load_rgb,
+    pixel_limit,
     region_box,
 )
 from pva.identity import load_iresnet, save_iresnet
@@ -46,6 +52,13 @@ from pva.sampling import ddim_inpaint
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 MaskRegion = Literal["lowerface", "eyebrow", "wholeface", "random"]
+CALL_RANGES = {
+    "guidance_scale": GUIDANCE,
+    "num_inference_steps": POSITIVE_INT,
+    "eta": ETA,
+    "num_images_per_prompt": POSITIVE_INT,
+}
+"""The allowed range of each numeric argument of :meth:`PVAInpaintPipeline.__call__`."""
 
 
 @dataclass
@@ -77,6 +90,16 @@ def as_rgb(image: ImageInput, name: str = "image") -> np.ndarray:
     return np.ascontiguousarray(arr[..., :3].astype(np.uint8))
 
 
+def _warn(message: str) -> None:
+    """Warn, attributed to the caller's line: the first frame outside this module and torch."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and (
+        frame.f_code.co_filename == __file__ or f"{os.sep}torch{os.sep}" in frame.f_code.co_filename
+    ):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level)
+
+
 def _to_tensor(arr: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, H, W) float in [-1, 1]."""
     return torch.from_numpy(arr.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)
@@ -92,6 +115,16 @@ def _place(canvas_hw: tuple[int, int], crop: np.ndarray, box: tuple[int, int, in
     if x1 > x0 and y1 > y0:
         canvas[y0:y1, x0:x1] = resized[y0 - top : y1 - top, x0 - left : x1 - left]
     return canvas
+
+
+def _square_covering(box: tuple[int, int, int], mask: np.ndarray) -> tuple[int, int, int]:
+    """The smallest square holding the square ``box`` and every set pixel of the (H, W) mask."""
+    ys, xs = np.nonzero(mask)
+    left, top, side = box
+    x0, y0 = min(left, int(xs.min())), min(top, int(ys.min()))
+    x1, y1 = max(left + side, int(xs.max()) + 1), max(top + side, int(ys.max()) + 1)
+    new = max(x1 - x0, y1 - y0)
+    return x0 - (new - (x1 - x0)) // 2, y0 - (new - (y1 - y0)) // 2, new
 
 
 def _crop_mask(mask: np.ndarray, box: tuple[int, int, int], size: int) -> np.ndarray:
@@ -236,7 +269,7 @@ class PVAInpaintPipeline(DiffusionPipeline):
             except (ValueError, FileNotFoundError) as err:
                 if not skip_bad:
                     raise
-                warnings.warn(f"{err}; skipping it", stacklevel=3)
+                _warn(f"{err}; skipping it")
                 continue
             crops.append(self.reference_tensor(rgb, found[0]))
             used.append(i)
@@ -287,26 +320,38 @@ class PVAInpaintPipeline(DiffusionPipeline):
         """
         if self.pva is None:
             raise RuntimeError("no PVA adapter loaded: call load_pva(adapter, face_model) first")
+        check_ranges("", locals(), CALL_RANGES)
         if mode == "edit" and "<new1>" not in prompt:
-            warnings.warn("edit mode with a prompt without <new1>: the identity token is unused",
-                          stacklevel=2)  # fmt: skip
+            _warn("edit mode with a prompt without <new1>: the identity token is unused")
         rgb = as_rgb(image)
         h, w = rgb.shape[:2]
         found = detect_landmarks(rgb)
         if found is None:
-            raise ValueError("no face detected in the input image")
+            name = f"'{image}'" if isinstance(image, str | os.PathLike) else "(array/PIL input)"
+            raise ValueError(f"no face detected in the input image {name}")
         size = self.resolution
-        crop = face_centred_crop(rgb, found[0], size)
+        box = face_square(found[0])
         if mask_image is not None:
             full_mask = self._full_mask(mask_image, (h, w))
-            crop_mask = _crop_mask(full_mask, crop.box, size)
+            if full_mask.any():
+                grown = _square_covering(box, full_mask)
+                if grown != box:
+                    _warn(
+                        f"the mask reaches past the {box[2]}-px face square: inpainting a "
+                        f"{grown[2]}-px square that holds face and mask (at {size} px the face "
+                        f"gets {round(size * box[2] / grown[2])} px of it)"
+                    )
+                box = grown
+            crop = crop_square(rgb, found[0], box, size)
+            crop_mask = _crop_mask(full_mask, box, size)
         elif mask_region is not None:
+            crop = crop_square(rgb, found[0], box, size)
             crop_mask = self._region_mask(mask_region, crop.landmarks, size, generator)
             full_mask = _place((h, w), crop_mask.astype(np.uint8) * 255, crop.box) > 127
         else:
             raise ValueError("give mask_image or mask_region")
         if not full_mask.any() or not crop_mask.any():
-            warnings.warn("the mask is empty: returning the input unchanged", stacklevel=2)
+            _warn("the mask is empty (at the model resolution): returning the input unchanged")
             return PVAInpaintOutput([Image.fromarray(rgb) for _ in range(num_images_per_prompt)])
         refs, _ = self._reference_tensors(reference_images, skip_bad_references)
         model, n = self.pva, num_images_per_prompt
@@ -332,8 +377,13 @@ class PVAInpaintPipeline(DiffusionPipeline):
         if isinstance(mask_image, str | os.PathLike):
             if not Path(mask_image).is_file():
                 raise FileNotFoundError(f"mask '{mask_image}' not found")
-            with Image.open(mask_image) as im:
-                mask = np.asarray(im.convert("L"))
+            try:
+                with pixel_limit(), Image.open(mask_image) as im:
+                    mask = np.asarray(im.convert("L"))
+            except BadImageError as err:
+                raise ValueError(f"mask '{mask_image}': {err}") from None
+            except (OSError, SyntaxError, ValueError) as err:
+                raise ValueError(f"mask '{mask_image}': unreadable image ({err})") from None
         elif isinstance(mask_image, Image.Image):
             mask = np.asarray(mask_image.convert("L"))
         else:
@@ -345,8 +395,7 @@ class PVAInpaintPipeline(DiffusionPipeline):
             if abs(mw / mh - w / h) > 0.01:
                 raise ValueError(f"mask size {mw}x{mh} does not match image size {w}x{h} "
                                  f"(different aspect ratio)")  # fmt: skip
-            warnings.warn(f"mask size {mw}x{mh} differs from image size {w}x{h}; resizing it",
-                          stacklevel=3)  # fmt: skip
+            _warn(f"mask size {mw}x{mh} differs from image size {w}x{h}; resizing it")
             mask = np.asarray(Image.fromarray(mask.astype(np.uint8)).resize((w, h), Image.NEAREST))
         return mask > 127
 

@@ -9,7 +9,6 @@ classifier-free guidance. The backbone is random, so the picture shows plumbing,
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from torch import Tensor
 from callbacks.adapter_export import AdapterExport
 from datamodules.photos import PersonPhotosDataModule, centre_mask
 from pva.adapter import load_adapter
+from pva.fileio import check_output_folder, remove_path
 from pva.model import TEMPLATE, PVAModel
 from pva.module import PVAModule
 from pva.sampling import ddim_inpaint
@@ -71,10 +71,9 @@ def quickstart(
     """
     t0 = time.time()
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"--out '{out}' exists and is not empty; pass --overwrite")
-        shutil.rmtree(out)
+    check_output_folder(out, "--out", overwrite)
+    if out.exists() or out.is_symlink():
+        remove_path(out)
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(seed, verbose=False)
     print(f"[1/4] writing the tiny backbone and face model to {out / 'models'}")

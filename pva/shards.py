@@ -45,6 +45,15 @@ from tqdm.auto import tqdm
 if TYPE_CHECKING:
     from torch import Tensor
 
+from pva.checks import (
+    IMAGE_SIDE,
+    POSITIVE_INT,
+    PROBABILITY,
+    SEED,
+    Range,
+    RangeError,
+    check_ranges,
+)
 from pva.faces import (
     REGIONS,
     BadImageError,
@@ -55,7 +64,7 @@ from pva.faces import (
     region_boxes,
     resize_square,
 )
-from pva.fileio import atomic_path
+from pva.fileio import atomic_path, check_output_folder, remove_path
 
 SCHEMA_VERSION = 1
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
@@ -396,6 +405,19 @@ def _write_shard(path: Path, records: Iterable[PersonRecord], image_size: int) -
                 tar.addfile(info, io.BytesIO(data))
 
 
+BUILD_RANGES = {
+    "image_size": IMAGE_SIDE,
+    "num_refs": POSITIVE_INT,
+    "persons_per_shard": POSITIVE_INT,
+    "min_images": Range(2, integer=True),
+    "workers": POSITIVE_INT,
+    "val_fraction": PROBABILITY,
+    "test_fraction": PROBABILITY,
+    "seed": SEED,
+}
+"""The allowed range of each numeric argument of :func:`build_shards` (``pva shards build``)."""
+
+
 def build_shards(
     input_dir: str | Path,
     out: str | Path,
@@ -431,10 +453,11 @@ def build_shards(
     input_dir, out = Path(input_dir), Path(out)
     if not input_dir.is_dir():
         raise FileNotFoundError(f"input folder '{input_dir}' does not exist")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"output '{out}' exists and is not empty; pass --overwrite")
-    if image_size % 8 or image_size < 64:
-        raise ValueError(f"--image-size must be a multiple of 8 and >= 64, got {image_size}")
+    check_output_folder(out, "--out", overwrite)
+    check_ranges("--", locals(), BUILD_RANGES)
+    if val_fraction + test_fraction > 1:
+        raise RangeError(f"--val-fraction + --test-fraction must be at most 1, got "
+                         f"{val_fraction} + {test_fraction}")  # fmt: skip
     fmt = detect_format(input_dir) if source_format == "auto" else source_format
     if fmt == "celebahq-idi":
         jobs, source = celebahq_idi_jobs(input_dir, num_refs)
@@ -507,11 +530,11 @@ def build_shards(
         }
         with atomic_path(partial / "index.json") as tmp:
             tmp.write_text(json.dumps(index, indent=1))
-        if out.exists():
+        if out.exists() or out.is_symlink():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
             partial.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
+            remove_path(old)
         else:
             out.parent.mkdir(parents=True, exist_ok=True)
             partial.rename(out)

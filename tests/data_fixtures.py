@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
+import pickle
 import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -183,3 +186,55 @@ def to_authors_annotation(root: Path) -> dict[str, dict[str, list[int]]]:
     (root / "annotation" / "landmarks.json").write_text(json.dumps(landmarks))
     torch.save(data, root / "annotation" / "region_bbox.pth")
     return boxes
+
+
+def write_tar(path: Path, members: dict[str, bytes]) -> None:
+    """A tar of ``members`` (name -> bytes), in order."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def first_record(shard: Path):
+    """The first person record of a shard, parsed."""
+    from datamodules.shards import parse_record
+
+    with tarfile.open(shard) as tar:
+        groups: dict = {}
+        for m in tar.getmembers():
+            key, field = m.name.split(".", 1)
+            groups.setdefault(key, {"__key__": key})[field] = tar.extractfile(m).read()
+    return parse_record(next(iter(groups.values())))
+
+
+def record_members(good, key: str, person: str) -> dict[str, bytes]:
+    """The tar members of ``good`` (a parsed record) under another key and person id."""
+    raw = {f"{key}.meta.json": json.dumps({**good.meta, "person": person}).encode()}
+    for i, (img, face) in enumerate(zip(good.img, good.face)):
+        raw[f"{key}.img.{i:03d}.jpg"], raw[f"{key}.face.{i:03d}.jpg"] = img, face
+    return raw
+
+
+def unreadable_split(src: Path, dst: Path, split: str) -> list[str]:
+    """Copy shards ``src`` to ``dst`` with every ``split`` shard unreadable; their names.
+
+    One shard is torn inside a member; the other holds a record with a member outside the
+    schema (a pickle, never read).
+    """
+    from pva.shards import read_index
+
+    dst.mkdir()
+    index = read_index(src)
+    for info in index["splits"].values():
+        for name in info["shards"]:
+            (dst / name).write_bytes((src / name).read_bytes())
+    first = src / index["splits"][split]["shards"][0]
+    (dst / f"{split}-torn.tar").write_bytes(first.read_bytes()[:3000])
+    evil = record_members(first_record(first), "evil", "evil")
+    evil["evil.extra.pyd"] = pickle.dumps({"not": "read"})
+    write_tar(dst / f"{split}-evil.tar", evil)
+    index["splits"][split]["shards"] = [f"{split}-torn.tar", f"{split}-evil.tar"]
+    (dst / "index.json").write_text(json.dumps(index))
+    return index["splits"][split]["shards"]

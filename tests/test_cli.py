@@ -227,3 +227,27 @@ def test_bench_sample_prints_both_tables():
         assert needle in res.stdout
     rows = [line for line in res.stdout.splitlines() if "PVA-FT" in line or "Custom-Diff" in line]
     assert len(rows) == 4 and sum("reused" in r for r in rows) == 2  # each method, both ways
+
+
+def test_an_output_folder_given_as_an_existing_file(tmp_path, capsys):
+    from pva.cli import main
+
+    people = tmp_path / "people"
+    people.mkdir()
+    (people / "id02_img3").symlink_to(REPO.parent / "shared/data/faces/deepface/id02_img3")
+    out = tmp_path / "shards"
+    out.write_bytes(b"")  # an empty file where the output folder goes
+    args = ["shards", "build", str(people), "--out", str(out), "--image-size", "64",
+            "--test-fraction", "0", "--val-fraction", "0"]  # fmt: skip
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"pva shards: error: --out '{out}' is a file, not a folder; pass --overwrite to replace it"
+    )  # before: "exists and is not empty"
+    assert main([*args, "--overwrite"]) == 0
+    assert (out / "index.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["people", "shards"]  # no .old-PID
+    quick = tmp_path / "q"
+    quick.write_bytes(b"")
+    assert main(["quickstart", "--out", str(quick), "--steps", "1"]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"--out '{quick}' is a file, not a folder; "
+                                                    f"pass --overwrite to replace it")  # fmt: skip

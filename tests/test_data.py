@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import tarfile
@@ -17,7 +17,15 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from conftest import REPO, SHARED
-from data_fixtures import SPLIT, make_celebahq_idi, make_people, to_authors_annotation
+from data_fixtures import (
+    SPLIT,
+    make_celebahq_idi,
+    make_people,
+    record_members,
+    to_authors_annotation,
+    unreadable_split,
+    write_tar,
+)
 from PIL import Image
 
 from datamodules.masks import box_mask, brush_stroke_mask
@@ -349,14 +357,6 @@ def test_evaluation_is_identical_on_every_run(idi):
     assert first and first == keys()
 
 
-def _write_tar(path: Path, members: dict[str, bytes]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 class _Boom:
     def __init__(self, path: str):
         self.path = path
@@ -384,7 +384,7 @@ def test_corrupt_and_pickle_members_are_skipped_counted_and_never_unpickled(idi,
     evil["evil.extra.pyd"] = pickle.dumps(_Boom(str(marker)))
     broken = renamed("broken", "broken")
     broken["broken.img.000.jpg"] = b"\xff\xd8\xff garbage"  # corrupt JPEG
-    _write_tar(out / "train-00000.tar", {**raw, **evil, **broken})
+    write_tar(out / "train-00000.tar", {**raw, **evil, **broken})
     (out / "train-00001.tar").write_bytes((idi["out"] / "train-00000.tar").read_bytes()[:5000])
     index["splits"]["train"]["shards"] = ["train-00000.tar", "train-00001.tar"]
     (out / "index.json").write_text(json.dumps(index))
@@ -454,3 +454,69 @@ def test_shards_feed_the_pva_module(idi, tiny_assets, tmp_path):
     )
     trainer.fit(module, datamodule=_dm(idi["out"], batch_size=2, samples_per_epoch=4))
     assert trainer.global_step == 2
+
+
+# ------------------------------------------- issue 20: a split with nothing readable, counts
+class _Spins(BaseException):
+    """Not an Exception: the stream's error handlers must not swallow it."""
+
+
+def _alarm(seconds: int):
+    def boom(*_):
+        raise _Spins(f"no answer within {seconds} s (the stream spins)")
+
+    signal.signal(signal.SIGALRM, boom)
+    signal.alarm(seconds)
+
+
+def test_a_training_split_with_nothing_readable_stops_naming_shards_and_reasons(idi, tmp_path):
+    from datamodules.shards import ShardReadError
+
+    names = unreadable_split(idi["out"], tmp_path / "bad", "train")
+    dm = _dm(tmp_path / "bad", batch_size=2, samples_per_epoch=8)
+    _alarm(60)
+    try:
+        with pytest.raises(ShardReadError) as info:
+            next(iter(dm.train_dataloader()))
+    finally:
+        signal.alarm(0)
+    message = str(info.value)
+    assert message.startswith("no training sample could be read from any of the 2 shards of "
+                              "the train split")  # fmt: skip
+    for name in names:
+        assert name in message
+    assert "outside the schema" in message and "ReadError" in message  # each shard's reason
+    assert dm.skipped_records >= 2
+
+
+def test_validation_with_nothing_readable_stops_instead_of_giving_no_batch(idi, tmp_path):
+    from datamodules.shards import ShardReadError
+
+    unreadable_split(idi["out"], tmp_path / "bad", "val")
+    dm = _dm(tmp_path / "bad", batch_size=2)
+    for read in (lambda: list(dm.val_dataloader()), lambda: dm.fixed_batches("val", 2, 2),
+                 lambda: dm.person_photos("val"), lambda: list(dm.records("val"))):  # fmt: skip
+        with pytest.raises(ShardReadError, match=r"no person record could be read from any of "
+                                                 r"the 2 shards of the val split: '.*val-torn"):
+            read()  # fmt: skip
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_records_skipped_after_the_last_batch_are_counted(idi, tmp_path, workers):
+    out = tmp_path / "shards"
+    out.mkdir()
+    index = read_index(idi["out"])
+    good = next(_records(idi["out"], "val"))
+    members = record_members(good, "good", good.meta["person"])
+    for k in range(3):  # three bad records after every good sample
+        bad = record_members(good, f"bad{k}", f"bad{k}")
+        bad[f"bad{k}.extra.pyd"] = b"x"
+        members.update(bad)
+    write_tar(out / "val-00000.tar", members)
+    index["splits"]["val"]["shards"] = ["val-00000.tar"]
+    (out / "index.json").write_text(json.dumps(index))
+    dm = _dm(out, batch_size=1, num_workers=workers)
+    batches = list(dm.val_dataloader())
+    assert len(batches) > 1 and all(b["person"] == [good.meta["person"]] for b in batches)
+    assert sum(int(b["skipped"]) for b in batches) == 3  # before: 0 (all after the last batch)
+    assert dm.skipped_records == 3  # counted where they happen, in the worker too

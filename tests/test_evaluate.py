@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +28,7 @@ from pva.metrics import (
 )
 from pva.model import PVAModel
 from pva.recognizers import DlibRecognizer, build_recognizer
-from pva.shards import build_shards
+from pva.shards import build_shards, read_index
 from pva.tiny import build_tiny_face_model, tiny_pva_config
 
 
@@ -388,3 +390,51 @@ def test_the_paper_protocol_end_to_end(eval_setup, tmp_path):
     assert entry["wholeface"]["outside_error"][0] > 0  # no paste-back
     text = (out / "results.md").read_text()
     assert "paper protocol" in text and "KID x1000" in text
+
+
+def test_results_always_belong_to_the_data_given(eval_setup, tiny_assets, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    from pva.evaluate import _shards_for_folder
+
+    folders = {}
+    for name, persons in (("A", ["id01_img1", "id03_img8"]), ("B", ["yangmi_woman"])):
+        folders[name] = tmp_path / name
+        for p in persons:
+            shutil.copytree(eval_setup["root"] / "people" / p, folders[name] / p)
+    kw = dict(methods=("sd-inpaint",), adapter=str(eval_setup["adapter"]), steps=2, num_refs=2,
+              edit=False, masks=("wholeface",))  # fmt: skip
+    out = tmp_path / "ev"
+    first = evaluate(str(folders["A"]), str(out), **kw)
+    assert {p.name for p in (out / "_gt").iterdir()} == {"id01_img1", "id03_img8"}
+    assert first["generated_this_run"] > 0
+    # the user's second run, on other data into the same --out: refused, nothing touched
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    cli = [sys.executable, "-m", "pva.cli", "evaluate", "--data", str(folders["B"]), "--out",
+           str(out), "--methods", "sd-inpaint", "--adapter", str(eval_setup["adapter"]),
+           "--steps", "2", "--num-refs", "2", "--no-edit", "--masks", "wholeface"]  # fmt: skip
+    res = subprocess.run(cli, capture_output=True, text=True, cwd=REPO, timeout=300)
+    last = res.stderr.strip().splitlines()[-1]
+    assert res.returncode == 2 and last.startswith(f"pva evaluate: error: --out '{out}' was made "
+                                                   f"from other inputs (data: '")  # fmt: skip
+    assert str(folders["A"]) in last and str(folders["B"]) in last and "--overwrite" in last
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    with pytest.raises(FileExistsError, match=r"steps: 2 before, 3 now"):
+        evaluate(str(folders["A"]), str(out), **{**kw, "steps": 3})
+    second = evaluate(str(folders["B"]), str(out), overwrite=True, **kw)
+    assert {p.name for p in (out / "_gt").iterdir()} == {"yangmi_woman"}
+    assert second["generated_this_run"] > 0 and second["methods"]["sd-inpaint"]["wholeface"]["n"]
+    # the same folder, edited in place: its stamp changes, so the cache is not reused
+    (folders["B"] / "yangmi_woman" / sorted(os.listdir(folders["B"] / "yangmi_woman"))[0]).unlink()
+    with pytest.raises(FileExistsError, match=r"data: "):
+        evaluate(str(folders["B"]), str(out), **kw)
+    # the shards cache itself is rebuilt when its folder's content differs
+    model = PVAModel.from_paths(tiny_assets.backbone, tiny_assets.face_model)
+    shards = tmp_path / "cache"
+    _shards_for_folder(str(folders["A"]), shards, "test", model)
+    assert read_index(shards)["splits"]["test"]["persons"] == 2
+    _shards_for_folder(str(folders["B"]), shards, "test", model)
+    assert read_index(shards)["splits"]["test"]["persons"] == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -270,3 +271,117 @@ def test_mask_size_empty_mask_and_edit_prompt_warnings(pipe, setup):
         pipe(TARGET, mask_region="eyebrow", reference_images=refs, prompt="a person, smiling",
              mode="edit", num_inference_steps=2)  # fmt: skip
     assert any("<new1>" in str(c.message) for c in caught)
+
+
+# ------------------------------------------------------------ issue 20: wrong pixels, names
+def _small_face_on_a_wide_canvas(tmp_path: Path) -> Path:
+    """TARGET shrunk to 200 px wide on a 480 x 360 textured canvas: the face square lies inside."""
+    with Image.open(TARGET) as im:
+        face = im.convert("RGB")
+        face.thumbnail((200, 200))
+    rng = np.random.default_rng(0)
+    canvas = Image.fromarray(rng.integers(60, 200, (360, 480, 3), dtype=np.uint8))
+    canvas.paste(face, (140, 40))
+    path = tmp_path / "wide.png"
+    canvas.save(path)
+    return path
+
+
+def _black(img: np.ndarray) -> np.ndarray:
+    return (img == 0).all(-1)
+
+
+def test_a_mask_past_the_face_square_is_inpainted_not_blacked(pipe, setup, tmp_path):
+    from pva.faces import face_centred_crop
+
+    photo = _small_face_on_a_wide_canvas(tmp_path)
+    rgb = load_rgb(photo)
+    h, w = rgb.shape[:2]
+    left, top, side = face_centred_crop(rgb, detect_landmarks(rgb)[0], 8).box
+    beyond = np.ones((h, w), bool)  # pixels outside the face-centred square
+    beyond[max(top, 0) : top + side, max(left, 0) : left + side] = False
+    assert 0.3 < beyond.mean() < 0.95
+    beyond &= ~_black(rgb)  # pixels that were not black before
+    refs = sorted(setup["refs"].iterdir())[:2]
+    half = np.zeros((h, w), np.uint8)
+    half[:, : w // 2] = 255  # the left half: part of the face and the canvas to the edge
+    for mask in (np.full((h, w), 255, np.uint8), half):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = pipe(photo, mask_image=Image.fromarray(mask), reference_images=refs,
+                       num_inference_steps=2).images[0]  # fmt: skip
+        out = np.asarray(out)
+        inside = mask > 0
+        assert np.array_equal(out[~inside], rgb[~inside])  # paste-back: outside exactly kept
+        assert _black(out)[inside & beyond].mean() < 0.01  # before: every such pixel was black
+        assert (out != rgb).any(-1)[inside & beyond].mean() > 0.5  # the model's fill
+        past = [c for c in caught if "reaches past the" in str(c.message)]
+        assert past and past[0].filename == __file__  # attributed to this call, not torch
+
+
+def test_cli_full_mask_and_the_messages_name_the_file(setup, tmp_path):
+    photo = _small_face_on_a_wide_canvas(tmp_path)
+    h, w = load_rgb(photo).shape[:2]
+    Image.new("L", (w, h), 255).save(tmp_path / "full.png")
+    out = tmp_path / "o.png"
+    res = _cli(*_inpaint_args(setup, out, "--mask", str(tmp_path / "full.png"), image=photo))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _black(np.asarray(Image.open(out).convert("RGB"))).mean() < 0.01  # before: 88% here
+    assert "pva inpaint: warning: the mask reaches past" in res.stderr
+    wall = tmp_path / "wall.png"
+    Image.fromarray(np.full((120, 160, 3), 90, np.uint8)).save(wall)
+    res = _cli(*_inpaint_args(setup, tmp_path / "x.png", "--mask-region", "eyebrow", image=wall))
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"pva inpaint: error: no face detected in the input image '{wall}'"
+    )
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    (refs / "wall.png").symlink_to(wall)
+    (refs / "face.jpg").symlink_to(sorted(PERSON.iterdir())[2])
+    args = _inpaint_args(setup, tmp_path / "y.png", "--mask-region", "eyebrow", "--skip-bad-refs")
+    args[args.index("--refs") + 1] = str(refs)
+    res = _cli(*args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    warning = [line for line in res.stderr.splitlines() if "wall.png" in line]
+    assert warning == [f"pva inpaint: warning: no face detected in reference {refs / 'wall.png'}; "
+                       f"skipping it"]  # fmt: skip
+
+
+def test_the_pixel_limit_is_the_projects_not_pils(setup, tmp_path):
+    from pva.faces import MAX_PIXELS
+
+    under, over = tmp_path / "under.png", tmp_path / "over.png"
+    Image.new("L", (10_000, 10_000), 128).save(under)  # 100 MP: PIL's own guard refused it
+    side = int(MAX_PIXELS**0.5) + 1
+    Image.new("L", (side, side), 128).save(over)
+    res = _cli(*_inpaint_args(setup, tmp_path / "u.png", "--mask-region", "eyebrow", image=under))
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"pva inpaint: error: no face detected in the input image '{under}'"  # it was read
+    )
+    res = _cli(*_inpaint_args(setup, tmp_path / "v.png", "--mask-region", "eyebrow", image=over))
+    last = res.stderr.strip().splitlines()[-1]
+    assert res.returncode == 2 and str(over) in last and f"{MAX_PIXELS:,}-pixel limit" in last
+
+
+def test_outputs_that_are_files_or_folders_by_mistake(setup, tmp_path):
+    folder = tmp_path / "folder.png"
+    folder.mkdir()
+    res = _cli(*_inpaint_args(setup, folder, "--mask-region", "eyebrow", "--overwrite"))
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"pva inpaint: error: --out '{folder}' is a folder; give the path of a file"
+    )
+
+
+def test_pipeline_numbers_are_checked(pipe, setup):
+    from pva.checks import RangeError
+
+    refs = sorted(setup["refs"].iterdir())[:1]
+    cases = (({"num_inference_steps": 0}, "num_inference_steps must be an integer"),
+             ({"guidance_scale": float("nan")}, "guidance_scale must be a finite"),
+             ({"eta": 2.0}, "eta must be a finite number in [0, 1]"),
+             ({"num_images_per_prompt": 0}, "num_images_per_prompt must be"))  # fmt: skip
+    for kw, needle in cases:
+        with pytest.raises(RangeError, match=re.escape(needle)):
+            pipe(TARGET, mask_region="eyebrow", reference_images=refs, **kw)

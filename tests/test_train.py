@@ -289,3 +289,62 @@ def test_cache_encodings_matches_the_encoders_and_skips_them_once_cached(tiny_as
     assert calls == {"vae": len(batches), "face": 0}
     with pytest.raises(ValueError, match="frozen face backbone"):
         PVAModule("b", "f", pva=tiny_pva_config(train_face_backbone=True), cache_encodings=True)
+
+
+def test_a_training_split_with_nothing_readable_stops_train_py_in_one_line(
+    tiny_assets, train_shards, tmp_path
+):
+    from data_fixtures import unreadable_split
+
+    names = unreadable_split(train_shards, tmp_path / "bad", "train")
+    cfg = _config(tmp_path, tiny_assets, tmp_path / "bad")
+    text = yaml.safe_load(cfg.read_text())
+    text["data"]["init_args"]["num_workers"] = 1  # the error crosses a DataLoader worker
+    cfg.write_text(yaml.safe_dump(text))
+    res = _train("--config", str(cfg), timeout=300)  # before: 100% CPU and no output, forever
+    assert res.returncode == 2, res.stderr[-3000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("train.py: error: no training sample could be read from any of the "
+                           "2 shards of the train split: ")  # fmt: skip
+    assert all(name in last for name in names) and "Traceback" not in res.stderr
+
+
+def test_every_skipped_record_is_logged_even_off_the_logging_steps(
+    tiny_assets, train_shards, tmp_path
+):
+    import csv
+    import tarfile
+
+    from data_fixtures import first_record, record_members, write_tar
+    from lightning.pytorch.loggers import CSVLogger
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    index = json.loads((train_shards / "index.json").read_text())
+    for info in index["splits"].values():
+        for name in info["shards"]:
+            (shards / name).write_bytes((train_shards / name).read_bytes())
+    first = train_shards / index["splits"]["train"]["shards"][0]
+    good = first_record(first)
+    members = {}
+    for k in range(3):  # three unreadable records ahead of the good ones: read at every visit
+        members.update(record_members(good, f"bad{k}", f"bad{k}"))
+        members[f"bad{k}.extra.pyd"] = b"x"
+    with tarfile.open(first) as tar:
+        members.update({m.name: tar.extractfile(m).read() for m in tar.getmembers()})
+    write_tar(shards / "train-mixed.tar", members)
+    index["splits"]["train"]["shards"] = ["train-mixed.tar"]
+    (shards / "index.json").write_text(json.dumps(index))
+    L.seed_everything(0)
+    dm = ShardDataModule(str(shards), batch_size=2, max_refs=2, samples_per_epoch=40,
+                         num_workers=1)  # fmt: skip
+    module = PVAModule(str(tiny_assets.backbone), str(tiny_assets.face_model),
+                       pva=tiny_pva_config(face_crop="none"), timestep_draws=1)  # fmt: skip
+    trainer = L.Trainer(max_steps=3, log_every_n_steps=50, accelerator="cpu",
+                        logger=CSVLogger(tmp_path, name="log"), enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(module, dm)
+    rows = list(csv.DictReader(open(next((tmp_path / "log").rglob("metrics.csv")))))
+    logged = [float(r["data/skipped_records"]) for r in rows if r.get("data/skipped_records")]
+    assert dm.skipped_records > 0  # warned in the DataLoader worker
+    assert logged and logged[-1] == dm.skipped_records  # before: nothing (no logging step)

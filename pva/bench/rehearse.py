@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from pva.fileio import atomic_path
+from pva.fileio import atomic_path, content_stamp, remove_path
 
 REPO = Path(__file__).resolve().parents[2]
 STAGES = ("models", "data", "train", "personalize", "inpaint", "bench", "evaluate")
@@ -467,13 +467,18 @@ def rehearse(
                 f"source checkout; '{needed}' is missing"
             )
     out = Path(out).resolve()
-    if overwrite and out.exists():
-        shutil.rmtree(out)
+    if out.exists() and not out.is_dir() and not overwrite:
+        raise FileExistsError(f"--out '{out}' is a file, not a folder; pass --overwrite")
+    if overwrite and (out.exists() or out.is_symlink()):
+        remove_path(out)
     if out.exists() and any(out.iterdir()) and not (out / "rehearsal.json").is_file():
         raise FileExistsError(f"{out} exists and is not a rehearsal folder; pass --overwrite")
     (out / "logs").mkdir(parents=True, exist_ok=True)
     spec = SIZES[size]
-    state = _State(out, {"size": asdict(spec), "photos": photos})
+    if photos is not None and not Path(photos).is_dir():
+        raise FileNotFoundError(f"--photos '{photos}' is not a folder")
+    stamp = None if photos is None else content_stamp(photos)  # an edited folder is not resumed
+    state = _State(out, {"size": asdict(spec), "photos": stamp})
     person = out / "photos"
     adapter = out / "runs" / "stage1" / "adapter.safetensors"
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import yaml
 
-from pva.fileio import atomic_path
+from pva.fileio import atomic_path, remove_path
 
 STAGES = ("data", "stage0", "stage1", "evaluate", "report")
 REPO = Path(__file__).resolve().parents[2]
@@ -660,8 +660,10 @@ def demo(out: str | Path = "demo_out", quick: bool = False, seed: int = 0,
             )
     if only is not None and only not in STAGES:
         raise ValueError(f"--only must be one of {', '.join(STAGES)}, got {only!r}")
-    if overwrite and out.exists():
-        shutil.rmtree(out)
+    if out.exists() and not out.is_dir() and not overwrite:
+        raise FileExistsError(f"--out '{out}' is a file, not a folder; pass --overwrite")
+    if overwrite and (out.exists() or out.is_symlink()):
+        remove_path(out)
     if out.exists() and any(out.iterdir()) and not (out / "demo.json").is_file():
         raise FileExistsError(f"{out} exists and is not a demo folder; pass --overwrite or "
                               f"another --out")  # fmt: skip
