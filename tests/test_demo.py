@@ -180,7 +180,7 @@ def test_quick_demo_runs_every_stage_and_reports(quick_demo):
             assert args.cd_steps == ran["cd_steps"]
             assert args.cd_lr == pytest.approx(ran["cd_lr"]) and args.cd_lr < args.ft_lr
             assert (args.prior_data, args.prior_split) == (ran["prior_data"], "train")
-            assert args.cd_eval_steps == ",".join(map(str, ran["cd_eval_steps"]))
+            assert list(args.cd_eval_steps) == ran["cd_eval_steps"]  # parsed and range-checked
     results = json.loads((out / "results.json").read_text())
     # paste-back: every method leaves every pixel outside the mask as it was
     for method in method_rows(QUICK):
