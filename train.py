@@ -14,16 +14,21 @@ from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
 from callbacks import AdapterExport  # noqa: F401 - importable by class name in configs
-from datamodules.shards import ShardReadError
 from pva.checks import RangeError
+from pva.data.reader import ShardReadError
 from pva.module import PVAModule
 
 
 class PVACLI(LightningCLI):
-    """LightningCLI whose data batch size also scales the PVA learning rate."""
+    """LightningCLI linking the data to the model: batch size and modifier token.
+
+    ``data.batch_size`` also scales the PVA learning rate; the data's prompts use the model's
+    ``model.pva.modifier_token`` (set only there).
+    """
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: D102
         parser.link_arguments("data.init_args.batch_size", "model.batch_size")
+        parser.link_arguments("model.pva.modifier_token", "data.init_args.modifier_token")
 
 
 def _user_error(err: BaseException) -> str | None:

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pva.checks import GUIDANCE, NONNEGATIVE_INT, POSITIVE_INT, SEED, check_ranges
-from pva.model import TEMPLATE, UNCOND_PROMPT
 from pva.module import PVAModule
+from pva.prompts import UNCOND_PROMPT, conditional_prompt
 from pva.recognizers import Recognizer, build_recognizer
 from pva.sampling import ddim_inpaint
 
@@ -152,7 +152,7 @@ class IdentityValidation(L.Callback):
             for batch in self._data(trainer):
                 out = ddim_inpaint(
                     model, batch["image"], batch["mask"], batch["references"],
-                    [TEMPLATE.format(model.modifier_token.token)] * len(batch["prompt"]),
+                    [conditional_prompt(model.modifier_token.token)] * len(batch["prompt"]),
                     negative_prompt=UNCOND_PROMPT, guidance_scale=self.guidance,
                     num_steps=self.ddim_steps, generator=gen,
                     reference_mask=batch["reference_mask"],
@@ -233,7 +233,7 @@ class PersonalizationCheck(L.Callback):
         gen = torch.Generator(device=model.device).manual_seed(self.seed)
         out = ddim_inpaint(
             model, image, mask, person["references"][refs][None],
-            [TEMPLATE.format(model.modifier_token.token)], guidance_scale=self.guidance,
+            [conditional_prompt(model.modifier_token.token)], guidance_scale=self.guidance,
             num_steps=self.ddim_steps, generator=gen,
         ).cpu()  # fmt: skip
         assert self._recognizer is not None

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pva.checks import NONNEGATIVE_INT, POSITIVE_INT, SEED, Range, check_ranges
 from pva.faces import pixel_limit
-from pva.model import TEMPLATE
+from pva.prompts import MODIFIER_TOKEN, conditional_prompt
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
@@ -77,10 +77,13 @@ class OnePersonDataset(Dataset):
         num_refs: References per sample (the others, with replacement when too few).
         length: Samples per epoch.
         seed: Sampling seed.
+        modifier_token: The model's learned token in the prompt.
     """
 
-    def __init__(self, photos: list[Tensor], num_refs: int = 3, length: int = 64, seed: int = 0):
+    def __init__(self, photos: list[Tensor], num_refs: int = 3, length: int = 64, seed: int = 0,
+                 modifier_token: str = MODIFIER_TOKEN):  # fmt: skip
         self.photos, self.num_refs, self.length, self.seed = photos, num_refs, length, seed
+        self.modifier_token = modifier_token
 
     def __len__(self) -> int:
         return self.length
@@ -97,7 +100,7 @@ class OnePersonDataset(Dataset):
             "image": image,
             "mask": centre_mask(image.shape[-1]),
             "references": torch.stack(refs),  # (K, 3, S, S)
-            "prompt": TEMPLATE.format("<new1>"),
+            "prompt": conditional_prompt(self.modifier_token),
         }
 
 
@@ -123,6 +126,8 @@ class PersonPhotosDataModule(L.LightningDataModule):
         samples_per_epoch: Samples per epoch.
         num_workers: DataLoader worker processes.
         seed: Sampling seed.
+        modifier_token: The model's learned token in the prompt (``train.py`` links it to
+            ``model.pva.modifier_token``).
     """
 
     def __init__(
@@ -134,6 +139,7 @@ class PersonPhotosDataModule(L.LightningDataModule):
         samples_per_epoch: int = 256,
         num_workers: int = 0,
         seed: int = 0,
+        modifier_token: str = MODIFIER_TOKEN,
     ) -> None:
         super().__init__()
         check_ranges("data.", locals(), PHOTOS_RANGES)
@@ -145,7 +151,8 @@ class PersonPhotosDataModule(L.LightningDataModule):
         hp = self.hparams
         if self.dataset is None:
             self.dataset = OnePersonDataset(
-                load_photos(hp.photos, hp.image_size), hp.num_refs, hp.samples_per_epoch, hp.seed
+                load_photos(hp.photos, hp.image_size), hp.num_refs, hp.samples_per_epoch, hp.seed,
+                hp.modifier_token,
             )
 
     def train_dataloader(self) -> DataLoader:

@@ -3,46 +3,56 @@
 Public API::
 
     from pva import PVAModel, PVAConfig, load_backbone, load_iresnet, save_adapter, load_adapter
+    from pva import PVAInpaintPipeline
+
+The names load on first use, so importing one layer (say ``pva.model``, the method core) never
+imports a higher one (``pva.pipeline``, an application; see ``tests/test_layers.py``).
 """
 
-from pva.adapter import AdapterMismatchError, load_adapter, read_adapter, save_adapter
-from pva.attention import (
-    DecoupledAttnProcessor,
-    PVAAttnProcessor,
-    install_pva,
-    set_attention_impl,
-)
-from pva.backbone import Backbone, BackboneNotFoundError, build_tiny_backbone, load_backbone
-from pva.identity import IdentityEncoder, IdentityProjection, IResNet, iresnet, load_iresnet
-from pva.model import TEMPLATE, UNCOND_PROMPT, PVAConfig, PVAModel
-from pva.pipeline import PVAInpaintPipeline
-from pva.sampling import ddim_inpaint
-from pva.token import ModifierToken
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
-__all__ = [
-    "AdapterMismatchError",
-    "Backbone",
-    "BackboneNotFoundError",
-    "DecoupledAttnProcessor",
-    "IResNet",
-    "IdentityEncoder",
-    "IdentityProjection",
-    "ModifierToken",
-    "PVAAttnProcessor",
-    "PVAConfig",
-    "PVAInpaintPipeline",
-    "PVAModel",
-    "TEMPLATE",
-    "UNCOND_PROMPT",
-    "build_tiny_backbone",
-    "ddim_inpaint",
-    "install_pva",
-    "iresnet",
-    "load_adapter",
-    "load_backbone",
-    "load_iresnet",
-    "read_adapter",
-    "save_adapter",
-    "set_attention_impl",
-]
+
+_EXPORTS = {
+    "AdapterMismatchError": "pva.adapter",
+    "load_adapter": "pva.adapter",
+    "read_adapter": "pva.adapter",
+    "save_adapter": "pva.adapter",
+    "DecoupledAttnProcessor": "pva.attention",
+    "PVAAttnProcessor": "pva.attention",
+    "install_pva": "pva.attention",
+    "set_attention_impl": "pva.attention",
+    "Backbone": "pva.backbone",
+    "BackboneNotFoundError": "pva.backbone",
+    "build_tiny_backbone": "pva.backbone",
+    "load_backbone": "pva.backbone",
+    "IdentityEncoder": "pva.identity",
+    "IdentityProjection": "pva.identity",
+    "IResNet": "pva.identity",
+    "iresnet": "pva.identity",
+    "load_iresnet": "pva.identity",
+    "PVAConfig": "pva.model",
+    "PVAModel": "pva.model",
+    "PVAInpaintPipeline": "pva.pipeline",
+    "TEMPLATE": "pva.prompts",
+    "UNCOND_PROMPT": "pva.prompts",
+    "ddim_inpaint": "pva.sampling",
+    "ModifierToken": "pva.token",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """Import an exported name's module on first use."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pva' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -10,12 +10,11 @@ import torch
 from PIL import Image
 
 from pva.adapter import read_adapter, save_adapter
+from pva.data.schema import IMAGE_EXTS
 from pva.faces import BadImageError, detect_landmarks, face_centred_crop, load_rgb, region_box
 from pva.fileio import atomic_path, check_output_file
-from pva.model import TEMPLATE
 from pva.personalize import FTVariant, personalized, trainable_for
 from pva.pipeline import PVAInpaintPipeline, _to_tensor
-from pva.shards import IMAGE_EXTS
 
 
 def _photo_files(folder: Path) -> list[Path]:
@@ -131,7 +130,7 @@ def inpaint_cli(
     image: str,
     refs: str,
     out: str,
-    prompt: str = TEMPLATE.format("<new1>"),
+    prompt: str | None = None,
     mask: str | None = None,
     mask_region: str | None = None,
     mode: str = "inpaint",

@@ -130,7 +130,7 @@ def _tiny_assets(args: argparse.Namespace) -> None:
 
 
 def _shards_build(args: argparse.Namespace) -> None:
-    from pva.shards import build_shards
+    from pva.data.writer import build_shards
 
     index = build_shards(
         args.input,
@@ -353,7 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ip.add_argument("--refs", required=True, help="folder of reference photos of the person")
     ip.add_argument(
-        "--prompt", default="photo of a <new1> person", help="prompt (default: %(default)s)"
+        "--prompt",
+        default=None,
+        help="prompt (default: photo of a <new1> person, with the adapter's modifier token)",
     )
     ip.add_argument(
         "--mode",

@@ -38,8 +38,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from datamodules.masks import EVAL_MASKS
-from datamodules.shards import ShardDataModule, decode_jpeg
+from datamodules.shards import ShardDataModule
 from pva.backbone import model_resolution
 from pva.checks import (
     ETA,
@@ -52,6 +51,8 @@ from pva.checks import (
     Range,
     check_ranges,
 )
+from pva.data.masks import EVAL_MASKS
+from pva.data.reader import decode_jpeg
 from pva.fileio import atomic_path, check_record, content_stamp, remove_path
 from pva.metrics import (
     FeatureFn,
@@ -63,8 +64,9 @@ from pva.metrics import (
     masked_ssim,
     outside_mask_error,
 )
-from pva.model import TEMPLATE, UNCOND_PROMPT, PVAModel
+from pva.model import PVAModel
 from pva.personalize import personalized
+from pva.prompts import UNCOND_PROMPT, conditional_prompt
 from pva.recognizers import PaperIdentityScorer, build_recognizer
 from pva.sampling import ddim_inpaint
 
@@ -198,7 +200,7 @@ class Evaluator:
         if not todo and not edit_todo and not any(checkpoints.values()):
             return
         refs = person["references"]
-        base_prompt = TEMPLATE.format(self.model.modifier_token.token)
+        base_prompt = conditional_prompt(self.model.modifier_token.token)
         prompt = UNCOND_PROMPT if method == "sd-inpaint" else base_prompt
         sampling = [0.0]  # seconds spent sampling inside the fine-tuning loop
 
@@ -254,7 +256,7 @@ def _shards_for_folder(folder: str, shards: Path, split: str, model: PVAModel) -
     ``shards/source.json`` records what they were built from (the folder's content stamp, the
     split and the size); when that differs from ``folder`` now, they are built again.
     """
-    from pva.shards import build_shards
+    from pva.data.writer import build_shards
 
     size = model_resolution(model.unet, model.vae)
     fractions = {"test": (0.0, 1.0), "val": (1.0, 0.0)}.get(split)
@@ -582,7 +584,7 @@ def score(
         "methods": {},
         "recognizer": scorer.name,
         "kid_scale": kid_scale,
-        "edit_prompts": [f"photo of a <new1> person, {s}" for s in EDIT_SUFFIXES],
+        "edit_prompts": [f"{conditional_prompt()}, {s}" for s in EDIT_SUFFIXES],
     }
     timings: dict = defaultdict(lambda: defaultdict(list))
     for f in sorted((out / "_timings").glob("*.json")):

@@ -33,13 +33,8 @@ from pva.backbone import Backbone, load_backbone
 from pva.checks import NONNEGATIVE, POSITIVE, POSITIVE_INT, Range, check_ranges
 from pva.identity import FaceCrop, IdentityEncoder, IdentityProjection, IResNet, load_iresnet
 from pva.objective import keep_mask, stratified_timesteps
+from pva.prompts import MODIFIER_TOKEN
 from pva.token import ModifierToken
-
-TEMPLATE = "photo of a {} person"
-"""Prompt template; ``TEMPLATE.format("<new1>")`` is the paper's conditional prompt."""
-UNCOND_PROMPT = "photo of a person"
-"""Prompt of the unconditional branch in inpainting mode (METHOD section 8)."""
-
 
 CONFIG_RANGES = {
     "decoupled_scale": NONNEGATIVE,
@@ -84,7 +79,7 @@ class PVAConfig:
     face_crop: FaceCrop = "celebahq"
     """Recognizer preprocessing: ``celebahq`` (resize 256, crop [35:223, 32:220], pool to 112:
     for FFHQ/CelebA-HQ-aligned photos) or ``none`` (inputs are already aligned face crops)."""
-    modifier_token: str = "<new1>"
+    modifier_token: str = MODIFIER_TOKEN
     """The learned prompt token."""
     initializer_token: str = "person"
     """Single-token word whose embedding initialises the modifier token [ours: METHOD is silent;

@@ -19,8 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from pva.attention import identity_processors
-from pva.model import TEMPLATE, PVAModel
+from pva.model import PVAModel
 from pva.objective import fused_adam_ok
+from pva.prompts import conditional_prompt
 
 FTVariant = Literal["pva", "crossqkv", "custom-diffusion", "custom-diffusion-kv"]
 FT_VARIANTS: tuple[str, ...] = ("pva", "crossqkv", "custom-diffusion", "custom-diffusion-kv")
@@ -236,7 +237,7 @@ def personalized(
                 batch = {
                     "image": torch.stack(batch_images),
                     "mask": torch.stack(batch_masks),
-                    "prompt": [TEMPLATE.format(model.modifier_token.token)] * batch_size,
+                    "prompt": [conditional_prompt(model.modifier_token.token)] * batch_size,
                 }
                 with torch.no_grad():
                     if reuse_encodings:

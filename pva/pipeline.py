@@ -47,7 +47,8 @@ from pva.faces import (
     region_box,
 )
 from pva.identity import load_iresnet, save_iresnet
-from pva.model import TEMPLATE, UNCOND_PROMPT, PVAModel
+from pva.model import PVAModel
+from pva.prompts import UNCOND_PROMPT, conditional_prompt
 from pva.sampling import ddim_inpaint
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
@@ -284,7 +285,7 @@ class PVAInpaintPipeline(DiffusionPipeline):
         image: ImageInput,
         mask_image: ImageInput | None = None,
         reference_images: Sequence[ImageInput] = (),
-        prompt: str = TEMPLATE.format("<new1>"),
+        prompt: str | None = None,
         negative_prompt: str = UNCOND_PROMPT,
         mask_region: MaskRegion | None = None,
         mode: Literal["inpaint", "edit"] = "inpaint",
@@ -304,7 +305,8 @@ class PVAInpaintPipeline(DiffusionPipeline):
             mask_image: White = fill; same size as ``image`` (a different size with the same
                 aspect ratio is resized with a warning). Or give ``mask_region``.
             reference_images: Photos of the same person (5 in the paper).
-            prompt: Conditional prompt (``photo of a <new1> person[, ...]``).
+            prompt: Conditional prompt (``photo of a <new1> person[, ...]``); ``None``: ``photo
+                of a <token> person`` with the adapter's modifier token.
             negative_prompt: Unconditional prompt (``photo of a person``).
             mask_region: ``lowerface``, ``eyebrow``, ``wholeface`` (landmark boxes x1.2) or
                 ``random`` (strokes + one box), found with dlib on ``image``.
@@ -321,8 +323,10 @@ class PVAInpaintPipeline(DiffusionPipeline):
         if self.pva is None:
             raise RuntimeError("no PVA adapter loaded: call load_pva(adapter, face_model) first")
         check_ranges("", locals(), CALL_RANGES)
-        if mode == "edit" and "<new1>" not in prompt:
-            _warn("edit mode with a prompt without <new1>: the identity token is unused")
+        token = self.pva.config.modifier_token
+        prompt = conditional_prompt(token) if prompt is None else prompt
+        if mode == "edit" and token not in prompt:
+            _warn(f"edit mode with a prompt without {token}: the identity token is unused")
         rgb = as_rgb(image)
         h, w = rgb.shape[:2]
         found = detect_landmarks(rgb)
@@ -402,7 +406,7 @@ class PVAInpaintPipeline(DiffusionPipeline):
     @staticmethod
     def _region_mask(region: str, landmarks: np.ndarray, size: int,
                      generator: torch.Generator | None) -> np.ndarray:  # fmt: skip
-        from datamodules.masks import box_mask, training_mask
+        from pva.data.masks import box_mask, training_mask
 
         if region == "random":
             seed = 0 if generator is None else int(generator.initial_seed())

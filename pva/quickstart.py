@@ -21,8 +21,9 @@ from callbacks.adapter_export import AdapterExport
 from datamodules.photos import PersonPhotosDataModule, centre_mask
 from pva.adapter import load_adapter
 from pva.fileio import check_output_folder, remove_path
-from pva.model import TEMPLATE, PVAModel
+from pva.model import PVAModel
 from pva.module import PVAModule
+from pva.prompts import conditional_prompt
 from pva.sampling import ddim_inpaint
 from pva.tiny import tiny_pva_config, write_tiny_assets
 
@@ -116,8 +117,9 @@ def quickstart(
     target, refs = photos_[0], torch.stack(photos_[1:4])
     mask = centre_mask(image_size)
     g = torch.Generator().manual_seed(seed)
+    prompt = conditional_prompt(model.config.modifier_token)
     result = ddim_inpaint(
-        model, target[None], mask[None], refs[None], [TEMPLATE.format("<new1>")],
+        model, target[None], mask[None], refs[None], [prompt],
         guidance_scale=guidance, num_steps=sample_steps, generator=g, paste_back=True,
     )[0]  # fmt: skip
     masked = target * (mask < 0.5)

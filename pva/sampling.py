@@ -8,7 +8,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from pva.model import UNCOND_PROMPT, PVAModel
+from pva.model import PVAModel
+from pva.prompts import UNCOND_PROMPT
 
 Mode = Literal["inpaint", "edit"]
 

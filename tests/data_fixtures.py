@@ -199,7 +199,7 @@ def write_tar(path: Path, members: dict[str, bytes]) -> None:
 
 def first_record(shard: Path):
     """The first person record of a shard, parsed."""
-    from datamodules.shards import parse_record
+    from pva.data.schema import parse_record
 
     with tarfile.open(shard) as tar:
         groups: dict = {}
@@ -223,7 +223,7 @@ def unreadable_split(src: Path, dst: Path, split: str) -> list[str]:
     One shard is torn inside a member; the other holds a record with a member outside the
     schema (a pickle, never read).
     """
-    from pva.shards import read_index
+    from pva.data.schema import read_index
 
     dst.mkdir()
     index = read_index(src)

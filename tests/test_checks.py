@@ -25,12 +25,12 @@ from datamodules.photos import PHOTOS_RANGES, PersonPhotosDataModule
 from datamodules.shards import DATA_RANGES, ShardDataModule
 from pva.checks import POSITIVE, Range, RangeError
 from pva.cli import build_parser, main
+from pva.data.writer import BUILD_RANGES, build_shards
 from pva.evaluate import RANGES as EVALUATE_RANGES
 from pva.evaluate import evaluate
 from pva.model import CONFIG_RANGES, PVAConfig
 from pva.module import MODULE_RANGES, PVAModule
 from pva.pipeline import CALL_RANGES, PVAInpaintPipeline
-from pva.shards import BUILD_RANGES, build_shards
 
 BAD = ("0", "-1", "nan", "inf")
 

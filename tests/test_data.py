@@ -28,10 +28,12 @@ from data_fixtures import (
 )
 from PIL import Image
 
-from datamodules.masks import box_mask, brush_stroke_mask
-from datamodules.shards import DecodedCache, ShardDataModule, decode_jpeg, parse_record
+from datamodules.shards import ShardDataModule
+from pva.data.masks import box_mask, brush_stroke_mask
+from pva.data.reader import DecodedCache, decode_jpeg
+from pva.data.schema import parse_record, read_index
+from pva.data.writer import build_shards
 from pva.module import PVAModule
-from pva.shards import build_shards, read_index
 from pva.tiny import tiny_pva_config
 
 SIZE = 128
@@ -470,7 +472,7 @@ def _alarm(seconds: int):
 
 
 def test_a_training_split_with_nothing_readable_stops_naming_shards_and_reasons(idi, tmp_path):
-    from datamodules.shards import ShardReadError
+    from pva.data.reader import ShardReadError
 
     names = unreadable_split(idi["out"], tmp_path / "bad", "train")
     dm = _dm(tmp_path / "bad", batch_size=2, samples_per_epoch=8)
@@ -490,7 +492,7 @@ def test_a_training_split_with_nothing_readable_stops_naming_shards_and_reasons(
 
 
 def test_validation_with_nothing_readable_stops_instead_of_giving_no_batch(idi, tmp_path):
-    from datamodules.shards import ShardReadError
+    from pva.data.reader import ShardReadError
 
     unreadable_split(idi["out"], tmp_path / "bad", "val")
     dm = _dm(tmp_path / "bad", batch_size=2)

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 
+from pva.data.writer import read_region_bbox
 from pva.demo.generator import (
     HIDDEN,
     IRIS,
@@ -21,7 +22,6 @@ from pva.demo.generator import (
     write_idi_tree,
 )
 from pva.faces import region_boxes
-from pva.shards import read_region_bbox
 
 
 def _digest(root) -> dict[str, str]:

@@ -15,6 +15,8 @@ from data_fixtures import _shrink
 from PIL import Image
 
 from pva.adapter import save_adapter
+from pva.data.schema import read_index
+from pva.data.writer import build_shards
 from pva.evaluate import EDIT_SUFFIXES, evaluate
 from pva.faces import detect_landmarks, load_rgb
 from pva.metrics import (
@@ -28,7 +30,6 @@ from pva.metrics import (
 )
 from pva.model import PVAModel
 from pva.recognizers import DlibRecognizer, build_recognizer
-from pva.shards import build_shards, read_index
 from pva.tiny import build_tiny_face_model, tiny_pva_config
 
 

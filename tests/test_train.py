@@ -21,8 +21,8 @@ from data_fixtures import _shrink
 
 from callbacks import PersonalizationCheck
 from datamodules import ShardDataModule
+from pva.data.writer import build_shards
 from pva.module import PVAModule
-from pva.shards import build_shards
 from pva.tiny import tiny_pva_config
 
 
@@ -348,3 +348,16 @@ def test_every_skipped_record_is_logged_even_off_the_logging_steps(
     logged = [float(r["data/skipped_records"]) for r in rows if r.get("data/skipped_records")]
     assert dm.skipped_records > 0  # warned in the DataLoader worker
     assert logged and logged[-1] == dm.skipped_records  # before: nothing (no logging step)
+
+
+def test_the_model_token_reaches_the_data_prompts(tiny_assets, train_shards, tmp_path):
+    sys.path.insert(0, str(REPO))
+    from train import PVACLI
+
+    cfg = _config(tmp_path, tiny_assets, train_shards)
+    cli = PVACLI(PVAModule, subclass_mode_data=True, run=False,
+                 args=["--config", str(cfg), "--model.pva.modifier_token", "<zz>"])  # fmt: skip
+    assert cli.model.pva_config.modifier_token == "<zz>"
+    assert cli.datamodule.hparams.modifier_token == "<zz>"  # linked: set in one place
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    assert all(p.startswith("photo of a <zz> person") for p in batch["prompt"])

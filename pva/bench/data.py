@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from datamodules.shards import PersonStream
-from pva.shards import IMAGE_EXTS, build_shards, read_index
+from pva.data.reader import PersonStream
+from pva.data.schema import IMAGE_EXTS, read_index
+from pva.data.writer import build_shards
 
 
 def _people_folders(photos: Path, min_photos: int) -> list[Path]:

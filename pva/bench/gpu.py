@@ -104,8 +104,8 @@ def run(
     from diffusers import StableDiffusionInpaintPipeline
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pva.model import TEMPLATE, UNCOND_PROMPT
     from pva.personalize import personalized
+    from pva.prompts import TEMPLATE, UNCOND_PROMPT
     from pva.sampling import ddim_inpaint
 
     dev = torch.device(device)

@@ -42,10 +42,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from datamodules.shards import decode_jpeg, decode_jpeg_uint8
+from pva.data.reader import decode_jpeg, decode_jpeg_uint8
+from pva.data.writer import _jpeg
 from pva.evaluate import _load_png
 from pva.faces import resize_square
-from pva.shards import _jpeg
 
 if TYPE_CHECKING:
     from pva.model import PVAModel
@@ -306,7 +306,7 @@ def _fill(
 
     ``tokens=None``: the backbone alone with ``photo of a person`` (``pva evaluate``'s sd-inpaint).
     """
-    from pva.model import TEMPLATE, UNCOND_PROMPT
+    from pva.prompts import TEMPLATE, UNCOND_PROMPT
     from pva.sampling import ddim_inpaint
 
     prompt = UNCOND_PROMPT if tokens is None else TEMPLATE.format(model.modifier_token.token)

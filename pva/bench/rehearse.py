@@ -205,8 +205,8 @@ def bench(out: Path, size: RehearsalSize) -> dict:
 
     from pva.apps import load_pipeline, person_tensors
     from pva.backbone import load_backbone
-    from pva.model import TEMPLATE, UNCOND_PROMPT
     from pva.personalize import personalized
+    from pva.prompts import TEMPLATE, UNCOND_PROMPT
     from pva.sampling import ddim_inpaint
 
     adapter = out / "runs" / "stage1" / "adapter.safetensors"

@@ -19,8 +19,9 @@ from diffusers import StableDiffusionInpaintPipeline
 from PIL import Image
 
 from pva.backbone import build_tiny_backbone
-from pva.model import TEMPLATE, PVAModel
+from pva.model import PVAModel
 from pva.personalize import personalized
+from pva.prompts import TEMPLATE
 from pva.sampling import ddim_inpaint
 from pva.tiny import build_tiny_face_model, tiny_pva_config
 

@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from datamodules.masks import box_mask
-from pva.model import UNCOND_PROMPT, PVAModel
+from pva.data.masks import box_mask
+from pva.model import PVAModel
+from pva.prompts import UNCOND_PROMPT
 
 REGIONS = ("eyebrow", "lowerface", "wholeface")
 

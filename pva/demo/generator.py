@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from pva.data.writer import write_region_bbox
 from pva.fileio import atomic_dir
-from pva.shards import write_region_bbox
 
 IRIS = {"brown": (105, 62, 30), "blue": (50, 110, 215), "green": (40, 160, 70),
         "grey": (150, 150, 160), "amber": (220, 150, 20), "violet": (150, 60, 200)}  # fmt: skip
@@ -315,7 +315,7 @@ def write_idi_tree(
     ``image2id``); ``annotation/dialog/captions_hq.json`` (``overall_caption`` per image);
     ``annotation/landmarks.json`` (exact 68-point landmarks in pixels, in the authors' layout
     ``{file: {"image": {"face_landmarks": [[x, y] x 68]}}}``); ``annotation/region_bbox.pth`` (the
-    authors' region boxes, :func:`pva.shards.write_region_bbox`); and the generator's ground
+    authors' region boxes, :func:`pva.data.writer.write_region_bbox`); and the generator's ground
     truth ``annotation/attributes.json`` (per person: attribute words; hidden attributes and their
     regions; the seed).
 

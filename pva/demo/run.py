@@ -105,8 +105,8 @@ class _State:
 
 
 def _stage_data(out: Path, size: DemoSize, seed: int) -> dict:
+    from pva.data.writer import build_shards
     from pva.demo.generator import write_idi_tree
-    from pva.shards import build_shards
 
     write_idi_tree(out / "data", num_persons=size.persons, infer_per_person=size.infer_per_person,
                    size=SOURCE_SIZE, seed=seed, overwrite=True)  # fmt: skip
@@ -473,7 +473,8 @@ def _grid(out: Path, size: DemoSize, seed: int, rows: int = 4) -> Path | None:
     """Masked input | each method | ground truth | references, for a few test samples."""
     from PIL import Image
 
-    from datamodules.shards import ShardDataModule, decode_jpeg
+    from datamodules.shards import ShardDataModule
+    from pva.data.reader import decode_jpeg
 
     ev = eval_dir(out, seed, "cd")  # persons with every method's fills
     gts = sorted((ev / "_gt").glob("*/*.gt.png"))

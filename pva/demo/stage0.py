@@ -27,12 +27,13 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from torch import Tensor, nn
 
-from datamodules.masks import box_mask, training_mask
-from datamodules.shards import ShardDataModule, decode_jpeg
+from datamodules.shards import ShardDataModule
 from pva.backbone import Backbone, build_tiny_backbone
+from pva.data.masks import box_mask, training_mask
+from pva.data.reader import decode_jpeg
 from pva.faces import align_face
 from pva.identity import IResNet
-from pva.model import UNCOND_PROMPT
+from pva.prompts import UNCOND_PROMPT
 
 
 @dataclass

@@ -1,24 +1,9 @@
-"""``pva shards build``: CelebAHQ-IDI or per-person photo folders -> WebDataset shards.
+"""``pva shards build``: CelebAHQ-IDI or per-person photo folders -> shards.
 
-Schema (version 1): ONE tar record per person, holding all of that person's usable photos, so
-references are drawn at load time without duplicating bytes. Record ``<split>_<person>``::
+The format is :mod:`pva.data.schema`.
 
-    meta.json        {"schema": 1, "person": str, "split": str, "image_size": S,
-                      "face_size": 112,
-                      "images": [{"file": source file name, "role": "infer" | "ref" | "any",
-                                  "caption": str or null,
-                                  "landmarks": [[x, y] x 68] in the S x S image's pixels,
-                                  "boxes": {"lowerface"|"eyebrow"|"wholeface"|"eye"|"leye"|
-                                            "reye"|"mouth"|"nose": [x0, y0, x1, y1]}}, ...]}
-    img.000.jpg      image 0 at S x S (CelebA-HQ: the whole aligned photo; folders: a
-                     face-centred crop), JPEG quality 95
-    face.000.jpg     image 0's 112 x 112 ArcFace-aligned face (5-point similarity), JPEG 95
-    img.001.jpg ...
-
-Shards are ``<split>-NNNNN.tar``; ``index.json`` holds the schema version, counts per split,
-shard names, and every skipped image and dropped person with the reason. Shards and the index are
-written under temporary names and renamed when complete; an existing output is replaced only with
-``overwrite`` and only after the new one is complete.
+Shards and the index are written under temporary names and renamed when complete; an existing
+output is replaced only with ``overwrite`` and only after the new one is complete.
 """
 
 from __future__ import annotations
@@ -54,6 +39,7 @@ from pva.checks import (
     RangeError,
     check_ranges,
 )
+from pva.data.schema import IMAGE_EXTS, SCHEMA_VERSION, SPLITS
 from pva.faces import (
     REGIONS,
     BadImageError,
@@ -66,11 +52,6 @@ from pva.faces import (
 )
 from pva.fileio import atomic_path, check_output_folder, remove_path
 
-SCHEMA_VERSION = 1
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-SPLITS = ("train", "val", "test")
-FIELD_RE = re.compile(r"^(img|face)\.(\d{3})\.jpg$")
-"""Per-image field names of a record; with ``meta.json`` the only keys a reader accepts."""
 SourceFormat = Literal["auto", "celebahq-idi", "people"]
 
 
@@ -544,14 +525,3 @@ def build_shards(
     return index
 
 
-def read_index(folder: str | Path) -> dict:
-    """Read and check a shard folder's ``index.json``."""
-    path = Path(folder) / "index.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"'{path}' not found; build shards with `pva shards build`")
-    index = json.loads(path.read_text())
-    if index.get("schema") != SCHEMA_VERSION:
-        raise ValueError(
-            f"'{path}' has schema {index.get('schema')}; this code reads {SCHEMA_VERSION}"
-        )
-    return index

@@ -1,0 +1,89 @@
+"""Imports point one way: method core <- data format <- Lightning layer <- applications."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO
+
+CORE = {
+    "pva.attention", "pva.identity", "pva.token", "pva.backbone", "pva.model", "pva.objective",
+    "pva.sampling", "pva.adapter", "pva.personalize", "pva.prompts", "pva.faces", "pva.checks",
+    "pva.fileio", "pva.recognizers", "pva.metrics", "pva.tiny",
+}  # fmt: skip
+"""The method and what it stands on: no Lightning, no data streams, no commands."""
+LIGHTNING = {"pva.module"}
+"""Besides ``datamodules`` and ``callbacks``."""
+APPLICATIONS = {"pva", "pva.cli", "pva.apps", "pva.pipeline", "pva.evaluate", "pva.quickstart",
+                "train"}  # fmt: skip
+"""Besides ``pva.demo`` and ``pva.bench``; ``pva`` itself re-exports, lazily."""
+NAMES = ("core", "data format", "Lightning layer", "application")
+
+
+def layer(module: str) -> int:
+    """0 core, 1 data format, 2 Lightning, 3 applications."""
+    if module in CORE:
+        return 0
+    if module.startswith("pva.data"):
+        return 1
+    if module in LIGHTNING or module.split(".")[0] in ("datamodules", "callbacks"):
+        return 2
+    if module in APPLICATIONS or module.startswith(("pva.demo", "pva.bench")):
+        return 3
+    raise AssertionError(f"{module} has no layer: add it to tests/test_layers.py")
+
+
+def modules() -> dict[str, Path]:
+    found = {"train": REPO / "train.py"}
+    for package in ("pva", "datamodules", "callbacks"):
+        for path in (REPO / package).rglob("*.py"):
+            parts = path.relative_to(REPO).with_suffix("").parts
+            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+def project_imports(path: Path) -> set[str]:
+    """Every project module ``path`` imports, at any depth (functions too)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+            if node.module == "pva":  # "from pva import x" may name a submodule
+                names = [f"pva.{a.name}" for a in node.names]
+            out.update(names)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+    known = modules()
+    return {m for m in out if m.split(".")[0] in ("pva", "datamodules", "callbacks") and
+            (m in known or m.rsplit(".", 1)[0] in known)}  # fmt: skip
+
+
+def test_every_import_points_down_or_sideways():
+    known = modules()
+    wrong = []
+    for name, path in sorted(known.items()):
+        for target in sorted(project_imports(path)):
+            target = target if target in known else target.rsplit(".", 1)[0]
+            if layer(target) > layer(name):
+                wrong.append(f"{name} ({NAMES[layer(name)]}) imports {target} "
+                             f"({NAMES[layer(target)]})")  # fmt: skip
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_test_catches_a_wrong_arrow(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from datamodules.shards import ShardDataModule\n")
+    assert "datamodules.shards" in project_imports(bad)
+    assert layer("datamodules.shards") > layer("pva.model")
+
+
+def test_importing_the_core_loads_no_higher_layer():
+    code = ("import sys, pva.model, pva.sampling, pva.personalize, pva.data.reader; "
+            "print(sorted(m for m in sys.modules if m.startswith(('datamodules', 'callbacks', "
+            "'lightning', 'pva.pipeline', 'pva.module', 'pva.evaluate'))))")  # fmt: skip
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "[]"
