@@ -72,10 +72,9 @@ class PVAConfig:
     """Dropout inside the identity projection."""
     projection_query_std: float = 1.0
     """Standard deviation of the projection's learnable queries at initialisation [ours: METHOD is
-    silent; 1 is ``torch.randn``]. At 1 the queries are as large as the demo's face embeddings and
-    only ~5% of the fresh tokens' energy varies between persons (0.125: ~35%), so the pathway
-    starts out as a person-independent bias; ``configs/demo.yaml`` uses 0.125 (BENCHMARKS.md,
-    "Why the zero-shot claim was fragile")."""
+    silent; 1 is ``torch.randn``]. Queries as large as the face embeddings make the fresh tokens
+    mostly person-independent, a bias the pathway must first unlearn; ``configs/demo.yaml`` uses
+    0.125 (the measurements: BENCHMARKS.md, "Why the zero-shot claim was fragile")."""
     face_crop: FaceCrop = "celebahq"
     """Recognizer preprocessing: ``celebahq`` (resize 256, crop [35:223, 32:220], pool to 112:
     for FFHQ/CelebA-HQ-aligned photos) or ``none`` (inputs are already aligned face crops)."""
@@ -249,8 +248,8 @@ class PVAModel(nn.Module):
     def device(self) -> torch.device:
         """Device of the UNet.
 
-        Read from its first parameter: diffusers' ``ModelMixin.device`` walks every submodule
-        (~0.6 ms on the tiny UNet), and training calls this ~10 times a step.
+        Read from its first parameter: diffusers' ``ModelMixin.device`` walks every submodule,
+        and training asks for the device several times a step.
         """
         return next(self.unet.parameters()).device
 
