@@ -19,6 +19,7 @@ from pva.checks import (
     SEED,
     Range,
 )
+from pva.methods import METHODS
 
 
 def _quickstart(args: argparse.Namespace) -> None:
@@ -397,7 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--methods",
         default="sd-inpaint,pva",
-        help="comma list of sd-inpaint,pva,pva-ft40,crossqkv-ft40,custom-diffusion",
+        help="comma list of: "
+        + "; ".join(f"{m.name} ({m.help})" for m in METHODS.values())
+        + " (default: %(default)s)",
     )
     ev.add_argument("--adapter", default=None, help="PVA adapter (all methods but sd-inpaint)")
     ev.add_argument("--backbone", default=None, help="SD2-inpainting folder (default: adapter's)")

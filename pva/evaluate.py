@@ -31,7 +31,9 @@ import json
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,6 +56,7 @@ from pva.checks import (
 from pva.data.masks import EVAL_MASKS
 from pva.data.reader import decode_jpeg
 from pva.fileio import atomic_path, check_record, content_stamp, remove_path
+from pva.methods import METHODS
 from pva.metrics import (
     FeatureFn,
     InceptionFeatures,
@@ -70,7 +73,48 @@ from pva.prompts import UNCOND_PROMPT, conditional_prompt
 from pva.recognizers import PaperIdentityScorer, build_recognizer
 from pva.sampling import ddim_inpaint
 
-METHODS = ("sd-inpaint", "pva", "pva-ft40", "crossqkv-ft40", "custom-diffusion")
+
+@dataclass(frozen=True)
+class Metric:
+    """A per-image inpainting metric, averaged per method and mask.
+
+    Args:
+        name: Key in ``results.json``.
+        title: Table title in ``results.md``.
+        fmt: Number format of the table cells.
+        fn: ``fn(output, ground_truth, mask, landmarks, scorer)`` -> one float; images are
+            (1, 3, H, W) in [-1, 1], the mask (1, 1, H, W) with 1 = filled, landmarks (1, 68, 2).
+    """
+
+    name: str
+    title: str
+    fmt: str
+    fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray, Any], float]
+
+
+METRICS: dict[str, Metric] = {}
+"""Every per-image metric, by name, in table order; :func:`register_metric` adds one."""
+
+
+def register_metric(metric: Metric) -> Metric:
+    """Add ``metric`` to :data:`METRICS` (scored for every output, tabled in ``results.md``)."""
+    METRICS[metric.name] = metric
+    return metric
+
+
+for _metric in (
+    Metric("identity_sim", "identity similarity to ground truth (mean ± std)", "{:.3f}",
+           lambda o, gt, m, lm, scorer: float(scorer.similarity(o, gt, lm)[0])),
+    Metric("masked_error", "masked-region error (mean |diff|, [0, 1])", "{:.4f}",
+           lambda o, gt, m, lm, scorer: float(masked_error(o, gt, m)[0])),
+    Metric("psnr", "masked-region PSNR (dB)", "{:.2f}",
+           lambda o, gt, m, lm, scorer: float(masked_psnr(o, gt, m)[0])),
+    Metric("ssim", "masked-region SSIM", "{:.3f}",
+           lambda o, gt, m, lm, scorer: float(masked_ssim(o, gt, m)[0])),
+    Metric("outside_error", "outside-mask error (mean |diff|, [0, 1])", "{:.4f}",
+           lambda o, gt, m, lm, scorer: float(outside_mask_error(o, gt, m)[0])),
+):  # fmt: skip
+    register_metric(_metric)
 EDIT_SUFFIXES = (
     "laughing", "serious", "smiling", "looking sad", "angry", "surprised", "has beard",
     "with heavy makeup", "wearing lipstick", "making a funny face", "putting the tongue out",
@@ -79,7 +123,6 @@ EDIT_SUFFIXES = (
 )  # fmt: skip
 """The 15 editing prompts of METHOD section 8 (``lib/dataset.py:11-27``):
 ``photo of a <new1> person, <suffix>``."""
-_FT = {"pva-ft40": "pva", "crossqkv-ft40": "crossqkv", "custom-diffusion": "custom-diffusion"}
 PROTOCOLS = ("ours", "paper")
 """``pva evaluate --protocol``: ``ours`` or ``paper`` (see :func:`evaluate`)."""
 RANGES = {
@@ -142,7 +185,7 @@ class Evaluator:
         self.cd_eval_steps = tuple(k for k in cd_eval_steps if 0 < k < cd_steps)
         self.ft_lr = ft_lr
         self.cd_lr = ft_lr if cd_lr is None else cd_lr
-        self.variants = {**_FT, "custom-diffusion": cd_variant}
+        self.cd_variant = cd_variant
         self.paste_back, self.batch_size = paste_back, batch_size
         self.generated = 0
         self.prior: Callable[[torch.Generator], dict] | None = None  # custom-diffusion only
@@ -152,7 +195,7 @@ class Evaluator:
     def _sample(self, method: str, samples: list[dict], refs: torch.Tensor, prompts: list[str],
                 mode: str, guidance: float) -> list[torch.Tensor]:  # fmt: skip
         model, outs = self.model, []
-        identity = method not in ("sd-inpaint", "custom-diffusion")
+        identity = METHODS[method.split("@")[0]].identity
         tokens = model.encode_identity(refs[None]) if identity else None  # once per person
         for i in range(0, len(samples), self.batch_size):
             chunk = samples[i : i + self.batch_size]
@@ -185,7 +228,8 @@ class Evaluator:
         For ``custom-diffusion`` with ``cd_eval_steps``, the inpainting track is also sampled
         after those fine-tuning steps, as method ``custom-diffusion@<steps>``.
         """
-        pid = person["person"]
+        pid, spec = person["person"], METHODS[method]
+        cd = spec.schedule == "cd"
         todo = self._missing(method, pid, samples)
         edit_todo = [
             (edit, k)
@@ -194,14 +238,14 @@ class Evaluator:
             if not (self.out / method / pid / "edit" / f"{_stem(edit)}_{k}.png").exists()
         ]
         checkpoints: dict[int, list[dict]] = {}
-        if method == "custom-diffusion":
+        if cd:
             checkpoints = {k: self._missing(f"{method}@{k}", pid, samples)
                            for k in self.cd_eval_steps}  # fmt: skip
         if not todo and not edit_todo and not any(checkpoints.values()):
             return
         refs = person["references"]
         base_prompt = conditional_prompt(self.model.modifier_token.token)
-        prompt = UNCOND_PROMPT if method == "sd-inpaint" else base_prompt
+        prompt = base_prompt if spec.token else UNCOND_PROMPT
         sampling = [0.0]  # seconds spent sampling inside the fine-tuning loop
 
         def run() -> None:
@@ -211,7 +255,7 @@ class Evaluator:
                                     self.guidance)  # fmt: skip
                 self._write(method, pid, todo, outs)
             if edit_todo:
-                token = "" if method == "sd-inpaint" else self.model.modifier_token.token + " "
+                token = self.model.modifier_token.token + " " if spec.token else ""
                 prompts = [f"photo of a {token}person, {EDIT_SUFFIXES[k]}" for _, k in edit_todo]
                 edit_samples = [e for e, _ in edit_todo]
                 outs = self._sample(
@@ -234,13 +278,14 @@ class Evaluator:
                 self.generated += len(pending)
                 sampling[0] += time.perf_counter() - t0
 
-        if method in _FT:
-            steps = self.cd_steps if method == "custom-diffusion" else self.ft_steps
+        if spec.variant is not None:
+            steps = self.cd_steps if cd else self.ft_steps
             t0 = time.perf_counter()
-            prior = self.prior if method == "custom-diffusion" else None
-            lr = self.cd_lr if method == "custom-diffusion" else self.ft_lr
+            prior = self.prior if cd else None
+            lr = self.cd_lr if cd else self.ft_lr
+            variant = self.cd_variant if cd else spec.variant
             with personalized(self.model, person["images"], person["references"],
-                              person["boxes"], steps=steps, variant=self.variants[method],
+                              person["boxes"], steps=steps, variant=variant,
                               seed=self.seed,
                               lr=lr, prior=prior, prior_weight=self.prior_weight,
                               callback=at_step if checkpoints else None):  # fmt: skip
@@ -361,7 +406,7 @@ def evaluate(
         data: Shards folder (``pva shards build`` output), or a folder of person folders (shards
             are built into ``OUT/_shards`` at the model resolution, every person in ``split``).
         out: Output folder (resumed when it exists).
-        methods: Any of :data:`METHODS`.
+        methods: Names in :data:`pva.methods.METHODS`.
         adapter: PVA adapter (needed by every method but ``sd-inpaint``).
         backbone: SD2-inpainting folder; default: the one recorded in the adapter.
         face_model: Conditioning arcface_torch ``.pth``; default: recorded in the adapter.
@@ -434,7 +479,7 @@ def evaluate(
         message = "--protocol paper keeps paste-back off (the reference composites nothing)"
         raise ValueError(message + "; drop --paste-back")
     paste_back = bool(paste_back)
-    if any(m != "sd-inpaint" for m in methods) and adapter is None:
+    if any(METHODS[m].identity or METHODS[m].token for m in methods) and adapter is None:
         raise ValueError("--adapter is required for every method but sd-inpaint")
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir() and not overwrite:
@@ -537,10 +582,9 @@ def evaluate(
             ev.person(method, person, samples, edits, timings[method])
     _merge_timings(out_dir, timings, shard_index)
     scored = list(methods)
-    if "custom-diffusion" in methods:
-        at = [f"custom-diffusion@{k}" for k in ev.cd_eval_steps]
-        i = scored.index("custom-diffusion")
-        scored[i:i] = at  # before the final one: rows in step order
+    for name in [m for m in methods if METHODS[m].schedule == "cd"]:
+        i = scored.index(name)
+        scored[i:i] = [f"{name}@{k}" for k in ev.cd_eval_steps]  # before it: rows in step order
     results = score(out_dir, scored, scorer, feature_fn, clip, kid_scale=1000.0 if paper else 1.0)
     results["protocol"] = protocol
     results["generated_this_run"] = ev.generated
@@ -607,11 +651,8 @@ def score(
             o = _load_png(produced)[None]
             lm = np.array(meta["landmarks"], dtype=np.float32)[None]
             m = per_mask[meta["mask"]]
-            m["identity_sim"].append(float(scorer.similarity(o, gt, lm)[0]))
-            m["psnr"].append(float(masked_psnr(o, gt, mask)[0]))
-            m["masked_error"].append(float(masked_error(o, gt, mask)[0]))
-            m["ssim"].append(float(masked_ssim(o, gt, mask)[0]))
-            m["outside_error"].append(float(outside_mask_error(o, gt, mask)[0]))
+            for metric in METRICS.values():
+                m[metric.name].append(metric.fn(o, gt, mask, lm, scorer))
             if feature_fn is not None:
                 feats[meta["mask"]].append(feature_fn(o))
                 if method == methods[0]:
@@ -621,7 +662,7 @@ def score(
         entry: dict = {}
         for mask_kind, metrics in per_mask.items():
             entry[mask_kind] = {k: _mean_std(v) for k, v in metrics.items()}
-            entry[mask_kind]["n"] = len(metrics["psnr"])
+            entry[mask_kind]["n"] = len(next(iter(metrics.values())))
             if feature_fn is not None and len(feats[mask_kind]) >= 2:
                 a, b = torch.cat(feats[mask_kind]), torch.cat(gt_feats[mask_kind])
                 entry[mask_kind]["fid"] = fid_from_features(a, b)
@@ -659,9 +700,7 @@ def results_markdown(results: dict) -> str:
     masks = [m for m in EVAL_MASKS if any(m in e for e in methods.values())]
     protocol = results.get("protocol", "ours")
     kid_title = "KID x1000" if results.get("kid_scale", 1.0) == 1000.0 else "KID"
-    lines = [f"# Evaluation ({protocol} protocol; identity scorer: {results['recognizer']})", "",
-             "## Inpainting: identity similarity to ground truth (mean ± std)", "",
-             "| method | " + " | ".join(masks) + " |", "|---|" + "---|" * len(masks)]  # fmt: skip
+    lines = [f"# Evaluation ({protocol} protocol; identity scorer: {results['recognizer']})"]
 
     def cell(method: str, mask: str, key: str, fmt: str = "{:.3f}") -> str:
         v = methods[method].get(mask, {}).get(key)
@@ -671,13 +710,8 @@ def results_markdown(results: dict) -> str:
             return (fmt + " ± " + fmt).format(*v) if len(v) == 2 else "-"
         return fmt.format(v)
 
-    for m in methods:
-        lines.append(f"| {m} | " + " | ".join(cell(m, k, "identity_sim") for k in masks) + " |")
-    for title, key, fmt in (("masked-region error (mean |diff|, [0, 1])", "masked_error",
-                             "{:.4f}"), ("masked-region PSNR (dB)", "psnr", "{:.2f}"),
-                            ("masked-region SSIM", "ssim", "{:.3f}"),
-                            ("outside-mask error (mean |diff|, [0, 1])", "outside_error", "{:.4f}"),
-                            ("FID", "fid", "{:.2f}"), (kid_title, "kid", "{:.4f}")):  # fmt: skip
+    tables = [(metric.title, metric.name, metric.fmt) for metric in METRICS.values()]
+    for title, key, fmt in [*tables, ("FID", "fid", "{:.2f}"), (kid_title, "kid", "{:.4f}")]:
         lines += ["", f"## Inpainting: {title}", "", "| method | " + " | ".join(masks) + " |",
                   "|---|" + "---|" * len(masks)]  # fmt: skip
         for m in methods:

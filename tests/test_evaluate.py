@@ -439,3 +439,23 @@ def test_results_always_belong_to_the_data_given(eval_setup, tiny_assets, tmp_pa
     assert read_index(shards)["splits"]["test"]["persons"] == 2
     _shards_for_folder(str(folders["B"]), shards, "test", model)
     assert read_index(shards)["splits"]["test"]["persons"] == 1
+
+
+def test_a_method_and_a_metric_are_one_registry_entry_each(eval_setup, tmp_path):
+    from pva.evaluate import METRICS, Metric, register_metric
+    from pva.methods import METHODS, Method, register_method
+
+    register_method(Method("pva-ft2", "PVA-FT for --ft-steps (a test entry)", variant="pva"))
+    register_metric(Metric("brightness", "mean brightness of the fill", "{:.3f}",
+                           lambda o, gt, m, lm, scorer: float(o[m.expand_as(o) > 0].mean())))
+    try:
+        results = evaluate(str(eval_setup["shards"]), str(tmp_path / "ev"), methods=("pva-ft2",),
+                           adapter=str(eval_setup["adapter"]), steps=2, ft_steps=2, num_refs=2,
+                           max_persons=1, edit=False, masks=("wholeface",))  # fmt: skip
+    finally:
+        del METHODS["pva-ft2"], METRICS["brightness"]
+    entry = results["methods"]["pva-ft2"]["wholeface"]
+    assert -1 <= entry["brightness"][0] <= 1 and entry["identity_sim"][0] > -1
+    assert results["methods"]["pva-ft2"]["seconds"]["adapt_s_per_person"][0] > 0  # fine-tuned
+    text = (tmp_path / "ev" / "results.md").read_text()
+    assert "## Inpainting: mean brightness of the fill" in text and "| pva-ft2 |" in text

@@ -17,8 +17,8 @@ CORE = {
 """The method and what it stands on: no Lightning, no data streams, no commands."""
 LIGHTNING = {"pva.module"}
 """Besides ``datamodules`` and ``callbacks``."""
-APPLICATIONS = {"pva", "pva.cli", "pva.apps", "pva.pipeline", "pva.evaluate", "pva.quickstart",
-                "train"}  # fmt: skip
+APPLICATIONS = {"pva", "pva.cli", "pva.apps", "pva.pipeline", "pva.evaluate", "pva.methods",
+                "pva.quickstart", "train"}  # fmt: skip
 """Besides ``pva.demo`` and ``pva.bench``; ``pva`` itself re-exports, lazily."""
 NAMES = ("core", "data format", "Lightning layer", "application")
 
