@@ -141,7 +141,8 @@ class ShardDataModule(L.LightningDataModule):
             return self.trainer.global_rank, self.trainer.world_size
         return _rank_world()
 
-    def _stream(self, split: str, train: bool) -> PersonStream:
+    def stream(self, split: str, train: bool = False) -> PersonStream:
+        """The :class:`PersonStream` of ``split`` with this module's settings and rank."""
         hp = self.hparams
         urls = self.shard_urls(split)
         if not urls:
@@ -176,7 +177,7 @@ class ShardDataModule(L.LightningDataModule):
     def _loader(self, split: str, train: bool) -> DataLoader:
         workers = self.hparams.num_workers
         return DataLoader(
-            self._stream(split, train),
+            self.stream(split, train),
             batch_size=None,
             num_workers=workers,
             persistent_workers=train and workers > 0,
@@ -187,9 +188,9 @@ class ShardDataModule(L.LightningDataModule):
 
         No rank split; :class:`ShardReadError` when the split has no readable record.
         """
-        stream = self._stream(split, False)
+        stream = self.stream(split, False)
         any_record = False
-        for person in stream._records(stream.urls):
+        for person in stream.records(stream.urls):
             any_record = True
             yield person
         if not any_record:
@@ -200,7 +201,7 @@ class ShardDataModule(L.LightningDataModule):
 
         The same on every rank and every call: callbacks use it for fixed validation sets.
         """
-        stream = self._stream(split, False)
+        stream = self.stream(split, False)
         stream.rank, stream.world_size, stream.batch_size = 0, 1, batch_size
         keep, batches = [], []
         for batch in stream:
@@ -223,7 +224,7 @@ class ShardDataModule(L.LightningDataModule):
             configured ``reference_view``; ``boxes`` (N wholeface boxes); ``landmarks``
             (N, 68, 2); ``roles`` (N strings).
         """
-        stream = self._stream(split, False)
+        stream = self.stream(split, False)
         for k, person in enumerate(self.records(split)):
             if k == index:
                 entries = person.meta["images"]
@@ -231,7 +232,7 @@ class ShardDataModule(L.LightningDataModule):
                     "person": person.meta["person"],
                     "images": torch.stack([decode_jpeg(b) for b in person.img]),
                     "references": torch.stack(
-                        [stream._reference(person, i) for i in range(len(entries))]
+                        [stream.reference(person, i) for i in range(len(entries))]
                     ),
                     "boxes": [e["boxes"]["wholeface"] for e in entries],
                     "landmarks": torch.tensor([e["landmarks"] for e in entries]),

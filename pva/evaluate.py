@@ -322,7 +322,7 @@ def _shards_for_folder(folder: str, shards: Path, split: str, model: PVAModel) -
 def _prior_sampler(shards: str, split: str, num_refs: int) -> Callable[[torch.Generator], dict]:
     """A callable drawing one prior-preservation batch (another person, wholeface mask)."""
     dm = ShardDataModule(shards, max_refs=num_refs, eval_masks=("wholeface",), num_workers=0)
-    stream = dm._stream(split, False)
+    stream = dm.stream(split, False)
     stream.rank, stream.world_size = 0, 1
     pool = []
     for rec in dm.records(split):
@@ -544,7 +544,7 @@ def evaluate(
     if not (Path(data) / "index.json").is_file():
         data = _shards_for_folder(data, out_dir / "_shards", split, model)
     dm = ShardDataModule(data, max_refs=num_refs, eval_masks=tuple(masks), num_workers=0)
-    stream = dm._stream(split, False)
+    stream = dm.stream(split, False)
     stream.rank, stream.world_size = 0, 1
     ev = Evaluator(model, out_dir, guidance, edit_guidance, steps, eta, ft_steps, cd_steps, seed,
                    paste_back, batch_size, cd_eval_steps, ft_lr, CD_PARAMS[cd_params],
@@ -572,7 +572,7 @@ def evaluate(
         person = {
             "person": rec.meta["person"],
             "images": torch.stack([decode_jpeg(rec.img[i]) for i in refs]),
-            "references": torch.stack([stream._reference(rec, i) for i in refs]),
+            "references": torch.stack([stream.reference(rec, i) for i in refs]),
             "boxes": [rec.meta["images"][i]["boxes"]["wholeface"] for i in refs],
         }
         _save_ground_truth(out_dir, person["person"], samples)

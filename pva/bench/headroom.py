@@ -280,13 +280,13 @@ def _references(shards: Path, pids: list[str], num_refs: int) -> dict[str, torch
     """Each person's evaluation references, as ``pva evaluate`` takes them: (K, 3, 112, 112)."""
     from datamodules import ShardDataModule
 
-    stream = ShardDataModule(str(shards), max_refs=num_refs, num_workers=0)._stream("test", False)
+    stream = ShardDataModule(str(shards), max_refs=num_refs, num_workers=0).stream("test")
     stream.rank, stream.world_size = 0, 1
     out = {}
-    for rec in stream._records(iter(stream.urls)):
+    for rec in stream.records(iter(stream.urls)):
         if rec.meta["person"] in pids:
             _, refs = stream.eval_split(rec)
-            out[rec.meta["person"]] = torch.stack([stream._reference(rec, i) for i in refs])
+            out[rec.meta["person"]] = torch.stack([stream.reference(rec, i) for i in refs])
     missing = sorted(set(pids) - set(out))
     if missing:
         raise ValueError(f"persons {', '.join(missing)} are not in the test split of {shards}")

@@ -228,7 +228,8 @@ class PersonStream(IterableDataset):
             except BadRecordError as err:
                 self._skip(f"record: {err}")
 
-    def _records(self, urls: Iterable[str]) -> Iterator[Person]:
+    def records(self, urls: Iterable[str]) -> Iterator[Person]:
+        """The valid person records of ``urls``, in order (see :meth:`shard_records`)."""
         for url in urls:
             yield from self.shard_records(url)
 
@@ -246,7 +247,8 @@ class PersonStream(IterableDataset):
                               + "; ".join(lines) + more)  # fmt: skip
 
     # -------------------------------------------------------------------- samples
-    def _reference(self, person: Person, i: int) -> Tensor:
+    def reference(self, person: Person, i: int) -> Tensor:
+        """Photo ``i`` of ``person`` as the identity encoder sees it (``reference_view``)."""
         if self.reference_view == "aligned":
             return self._decoded.get(f"{person.key}/face/{i}", person.face[i])  # (3, 112, 112)
         return self._decoded.get(f"{person.key}/img/{i}/256", person.img[i], 256)  # (3, 256, 256)
@@ -276,7 +278,7 @@ class PersonStream(IterableDataset):
         mask = torch.from_numpy(mask_np).float()[None]  # (1, S, S)
         references, reference_keys = [], []
         for i in refs:
-            ref, key = self._reference(person, i), f"{person.key}/{i}"
+            ref, key = self.reference(person, i), f"{person.key}/{i}"
             if mask_kind is None and rng.random() < self.ref_hflip_prob:  # training only
                 ref, key = ref.flip(-1), key + "/flip"
             references.append(ref)
@@ -363,7 +365,7 @@ class PersonStream(IterableDataset):
         this slot's persons gave no sample at all.
         """
         persons = mine = delivered = 0
-        for k, person in enumerate(self._records(self.urls)):
+        for k, person in enumerate(self.records(self.urls)):
             persons += 1
             if k % slots == slot:
                 mine += 1
