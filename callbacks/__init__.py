@@ -2,6 +2,13 @@
 
 from callbacks.adapter_export import AdapterExport
 from callbacks.checkpoint_io import AtomicCheckpointIO
+from callbacks.crash import SimulatedCrash
 from callbacks.identity import IdentityValidation, PersonalizationCheck
 
-__all__ = ["AdapterExport", "AtomicCheckpointIO", "IdentityValidation", "PersonalizationCheck"]
+__all__ = [
+    "AdapterExport",
+    "AtomicCheckpointIO",
+    "IdentityValidation",
+    "PersonalizationCheck",
+    "SimulatedCrash",
+]

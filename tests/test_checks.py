@@ -15,6 +15,7 @@ import pytest
 import yaml
 from conftest import REPO
 
+from callbacks.crash import SimulatedCrash
 from callbacks.identity import (
     PERSONALIZATION_RANGES,
     VALIDATION_RANGES,
@@ -23,7 +24,7 @@ from callbacks.identity import (
 )
 from datamodules.photos import PHOTOS_RANGES, PersonPhotosDataModule
 from datamodules.shards import DATA_RANGES, ShardDataModule
-from pva.checks import POSITIVE, Range, RangeError
+from pva.checks import POSITIVE, POSITIVE_INT, Range, RangeError
 from pva.cli import build_parser, main
 from pva.data.writer import BUILD_RANGES, build_shards
 from pva.evaluate import RANGES as EVALUATE_RANGES
@@ -150,6 +151,7 @@ OWNERS = {
     "data (photos)": (PersonPhotosDataModule, PHOTOS_RANGES, {}),
     "IdentityValidation": (IdentityValidation, VALIDATION_RANGES, {}),
     "PersonalizationCheck": (PersonalizationCheck, PERSONALIZATION_RANGES, {}),
+    "SimulatedCrash": (SimulatedCrash, {"at_step": POSITIVE_INT}, {"at_step": 1}),
 }
 
 
@@ -163,10 +165,10 @@ def test_every_numeric_config_value_is_checked_on_construction(owner):
             value = float(text)
             value = int(value) if math.isfinite(value) and ranges[name].integer else value
             if ranges[name].contains(value):
-                cls(**required, **{name: value})  # accepted
+                cls(**{**required, name: value})  # accepted
                 continue
             with pytest.raises(RangeError, match=rf"{name} must be .*, got {value!r}$"):
-                cls(**required, **{name: value})
+                cls(**{**required, name: value})
 
 
 def test_the_functions_behind_the_commands_check_every_number():

@@ -13,7 +13,8 @@ its largest process (``os.wait4``) recorded:
 3. ``train``: ``python train.py fit --config configs/stage1.yaml --config OUT/rehearsal.yaml``;
    the overlay holds only what this machine needs (CPU, 1 image x 1 timestep per step, a few
    steps, a checkpoint every step, small end-of-run validation, the rehearsal's paths). The
-   first run is SIGKILLed after a checkpoint, the second resumes with ``--ckpt_path last.ckpt``.
+   first run SIGKILLs itself after a checkpoint (``callbacks.SimulatedCrash``), the second
+   resumes with ``--ckpt_path last.ckpt``.
 4. ``personalize``: ``pva personalize`` for a few steps.
 5. ``inpaint``: ``pva inpaint`` for a few DDIM steps.
 6. ``bench``: seconds per DDIM step of the PVA pipeline beside diffusers'
@@ -87,34 +88,27 @@ PERSONS = 6
 
 
 # ------------------------------------------------------------------------------- processes
-def run_stage_command(
-    cmd: list[str], log: Path, kill_when: Callable[[], bool] | None = None
-) -> dict:
-    """Run one command from the repository root to its end, or SIGKILL it when ``kill_when()``.
+def run_stage_command(cmd: list[str], log: Path, expect_sigkill: bool = False) -> dict:
+    """Run one command from the repository root to its end.
+
+    With ``expect_sigkill`` the command is expected to end by SIGKILL (a simulated crash,
+    :class:`callbacks.SimulatedCrash`), which then counts as ``killed``, not as a failure.
 
     Returns:
         ``command``, ``seconds``, ``peak_rss_gb`` (the largest process of the command's tree),
         ``killed``.
 
     Raises:
-        RuntimeError: The command failed (not killed by us); the message holds its last lines.
+        RuntimeError: The command failed (not by the expected SIGKILL); the message holds its
+            last lines.
     """
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
-    killed = False
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if kill_when is not None and kill_when():
-                os.kill(proc.pid, signal.SIGKILL)
-                killed = True
-                _, status, usage = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.5)
+        _, status, usage = os.wait4(proc.pid, 0)  # the tree's peak memory, too
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+    killed = expect_sigkill and proc.returncode == -signal.SIGKILL
     seconds = time.perf_counter() - t0
     if proc.returncode != 0 and not killed:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
@@ -386,18 +380,13 @@ def train(out: Path, size: RehearsalSize) -> dict:
         str(config),
     ]
 
-    def saved_step_and_last() -> bool:
-        step_files = list(ckpts.glob(f"*step={size.kill_after}.ckpt"))
-        last = ckpts / "last.ckpt"  # written after the step file
-        return (
-            bool(step_files)
-            and last.is_file()
-            and (last.stat().st_mtime_ns >= step_files[0].stat().st_mtime_ns)
-        )
-
-    first = run_stage_command(base, out / "logs" / "train-1.log", kill_when=saved_step_and_last)
+    # the first run SIGKILLs itself as step kill_after + 1 begins (callbacks.SimulatedCrash):
+    # the step-kill_after checkpoints are on disk, at any step speed
+    crash = ["--trainer.callbacks+=callbacks.SimulatedCrash",
+             f"--trainer.callbacks.at_step={size.kill_after}"]  # fmt: skip
+    first = run_stage_command([*base, *crash], out / "logs" / "train-1.log", expect_sigkill=True)
     if not first["killed"]:
-        raise RuntimeError("the first training run ended before it could be killed")
+        raise RuntimeError("the first training run ended without the simulated crash")
     resumed_from = _checkpoint_step(ckpts / "last.ckpt")
     second = run_stage_command(
         [*base, "--ckpt_path", str(ckpts / "last.ckpt")], out / "logs" / "train-2.log"
