@@ -151,19 +151,30 @@ class IdentityValidation(L.Callback):
             gen = torch.Generator(device=model.device).manual_seed(self.seed)
             for batch in self._data(trainer):
                 out = ddim_inpaint(
-                    model, batch["image"], batch["mask"], batch["references"],
+                    model,
+                    batch["image"],
+                    batch["mask"],
+                    batch["references"],
                     [conditional_prompt(model.modifier_token.token)] * len(batch["prompt"]),
-                    negative_prompt=UNCOND_PROMPT, guidance_scale=self.guidance,
-                    num_steps=self.ddim_steps, generator=gen,
+                    negative_prompt=UNCOND_PROMPT,
+                    guidance_scale=self.guidance,
+                    num_steps=self.ddim_steps,
+                    generator=gen,
                     reference_mask=batch["reference_mask"],
-                ).cpu()  # fmt: skip
+                ).cpu()
                 sim = self._recognizer.similarity(out, batch["image"], batch["landmarks"].numpy())
                 for kind, s in zip(batch["mask_region"], sim.tolist()):
                     scores.setdefault(kind, []).append(s)
                 for b in range(len(out)):
                     if len(rows) < self.grid_rows:
-                        rows.append([batch["masked_image"][b], out[b], batch["image"][b],
-                                     batch["references"][b, 0]])  # fmt: skip
+                        rows.append(
+                            [
+                                batch["masked_image"][b],
+                                out[b],
+                                batch["image"][b],
+                                batch["references"][b, 0],
+                            ]
+                        )
         model.train(was_training)
         metrics = {f"val/identity_sim/{k}": sum(v) / len(v) for k, v in scores.items()}
         every = [s for v in scores.values() for s in v]
@@ -232,10 +243,15 @@ class PersonalizationCheck(L.Callback):
         mask[..., int(y0) : int(y1), int(x0) : int(x1)] = 1.0
         gen = torch.Generator(device=model.device).manual_seed(self.seed)
         out = ddim_inpaint(
-            model, image, mask, person["references"][refs][None],
-            [conditional_prompt(model.modifier_token.token)], guidance_scale=self.guidance,
-            num_steps=self.ddim_steps, generator=gen,
-        ).cpu()  # fmt: skip
+            model,
+            image,
+            mask,
+            person["references"][refs][None],
+            [conditional_prompt(model.modifier_token.token)],
+            guidance_scale=self.guidance,
+            num_steps=self.ddim_steps,
+            generator=gen,
+        ).cpu()
         assert self._recognizer is not None
         lm = person["landmarks"][target][None].numpy()
         return float(self._recognizer.similarity(out, image, lm)[0])
@@ -260,9 +276,13 @@ class PersonalizationCheck(L.Callback):
                 before = self._score(model, person, target, refs)
             t0 = time.perf_counter()
             with personalized(
-                model, person["images"][refs], person["references"][refs],
-                [person["boxes"][i] for i in refs], steps=self.steps, seed=self.seed,
-            ):  # fmt: skip
+                model,
+                person["images"][refs],
+                person["references"][refs],
+                [person["boxes"][i] for i in refs],
+                steps=self.steps,
+                seed=self.seed,
+            ):
                 seconds = time.perf_counter() - t0
                 with torch.no_grad():
                     after = self._score(model, person, target, refs)

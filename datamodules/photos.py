@@ -43,8 +43,14 @@ def load_photos(folder: str | Path | None, size: int) -> list[Tensor]:
         from skimage import data
 
         full = Image.fromarray(data.astronaut())
-        boxes = [(150, 10, 350, 210), (140, 0, 360, 220), (160, 20, 340, 200), (145, 15, 345, 215),
-                 (155, 5, 355, 205), (135, 10, 365, 240)]  # fmt: skip
+        boxes = [
+            (150, 10, 350, 210),
+            (140, 0, 360, 220),
+            (160, 20, 340, 200),
+            (145, 15, 345, 215),
+            (155, 5, 355, 205),
+            (135, 10, 365, 240),
+        ]
         return [_to_tensor(full.crop(b), size) for b in boxes]
     folder = Path(folder)
     if not folder.is_dir():
@@ -80,8 +86,14 @@ class OnePersonDataset(Dataset):
         modifier_token: The model's learned token in the prompt.
     """
 
-    def __init__(self, photos: list[Tensor], num_refs: int = 3, length: int = 64, seed: int = 0,
-                 modifier_token: str = MODIFIER_TOKEN):  # fmt: skip
+    def __init__(
+        self,
+        photos: list[Tensor],
+        num_refs: int = 3,
+        length: int = 64,
+        seed: int = 0,
+        modifier_token: str = MODIFIER_TOKEN,
+    ):
         self.photos, self.num_refs, self.length, self.seed = photos, num_refs, length, seed
         self.modifier_token = modifier_token
 
@@ -151,7 +163,10 @@ class PersonPhotosDataModule(L.LightningDataModule):
         hp = self.hparams
         if self.dataset is None:
             self.dataset = OnePersonDataset(
-                load_photos(hp.photos, hp.image_size), hp.num_refs, hp.samples_per_epoch, hp.seed,
+                load_photos(hp.photos, hp.image_size),
+                hp.num_refs,
+                hp.samples_per_epoch,
+                hp.seed,
                 hp.modifier_token,
             )
 

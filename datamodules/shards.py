@@ -104,8 +104,9 @@ class ShardDataModule(L.LightningDataModule):
         super().__init__()
         check_ranges("data.", locals(), DATA_RANGES)
         if min_refs > max_refs:
-            raise RangeError(f"data.min_refs ({min_refs}) must not exceed data.max_refs "
-                             f"({max_refs})")  # fmt: skip
+            raise RangeError(
+                f"data.min_refs ({min_refs}) must not exceed data.max_refs ({max_refs})"
+            )
         self.save_hyperparameters()
         self.index: dict | None = None
         self._skip_counter: Any = None  # a shared multiprocessing.Value, made with the first stream

@@ -185,8 +185,11 @@ def load_adapter(model: PVAModel, path: str | os.PathLike) -> dict[str, Any]:
                 f"adapter '{path}': '{key}' has shape {tuple(value.shape)}, the model expects "
                 f"{tuple(state[key].shape)}"
             )
-    required = [k for k in state if model.is_adapter_key(k)
-                and _group_of(k) not in ("face_backbone", "crossqkv")]  # fmt: skip
+    required = [
+        k
+        for k in state
+        if model.is_adapter_key(k) and _group_of(k) not in ("face_backbone", "crossqkv")
+    ]
     absent = [k for k in required if k not in tensors]
     if absent:
         raise AdapterMismatchError(

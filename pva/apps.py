@@ -63,8 +63,12 @@ def person_tensors(pipe: PVAInpaintPipeline, files: list[Path], skip_bad: bool) 
         used.append(f.name)
     if len(images) < 2:
         raise ValueError(f"need at least 2 usable photos of the person, found {len(images)}")
-    return {"images": torch.stack(images), "references": torch.stack(refs), "boxes": boxes,
-            "files": used}  # fmt: skip
+    return {
+        "images": torch.stack(images),
+        "references": torch.stack(refs),
+        "boxes": boxes,
+        "files": used,
+    }
 
 
 def personalize_cli(
@@ -97,8 +101,10 @@ def personalize_cli(
             raise ValueError(f"--refs '{refs_dir}' holds no photos and no person folders")
         persons = {p.name: (_photo_files(p), out_path / f"{p.name}.safetensors") for p in folders}
         if out_path.exists() and not out_path.is_dir():
-            raise NotADirectoryError(f"--out '{out_path}' is a file; --refs holds person folders, "
-                                     f"so --out must be a folder")  # fmt: skip
+            raise NotADirectoryError(
+                f"--out '{out_path}' is a file; --refs holds person folders, "
+                f"so --out must be a folder"
+            )
     for _, target in persons.values():
         check_output_file(target, "--out", overwrite)
     backbone, face_model = resolve_paths(adapter, backbone, face_model)
@@ -108,14 +114,25 @@ def personalize_cli(
     paths = {"backbone": backbone, "face_model": face_model}
     extra = []
     if variant == "crossqkv":
-        extra = [k for k, _ in trainable_for(model, "crossqkv")["attention"]
-                 if not model.is_adapter_key(k)]  # fmt: skip
+        extra = [
+            k
+            for k, _ in trainable_for(model, "crossqkv")["attention"]
+            if not model.is_adapter_key(k)
+        ]
     written = []
     for person, (files, target) in persons.items():
         data = person_tensors(pipe, files, skip_bad_refs)
         t0 = time.perf_counter()
-        with personalized(model, data["images"], data["references"], data["boxes"], steps=steps,
-                          variant=variant, seed=seed, progress=True) as result:  # fmt: skip
+        with personalized(
+            model,
+            data["images"],
+            data["references"],
+            data["boxes"],
+            steps=steps,
+            variant=variant,
+            seed=seed,
+            progress=True,
+        ) as result:
             save_adapter(model, target, overwrite=True, extra_keys=extra, paths=paths)
         print(
             f"{person}: {len(data['files'])} photos, {steps} steps, "
@@ -149,9 +166,13 @@ def inpaint_cli(
     if (mask is None) == (mask_region is None):
         raise ValueError("give exactly one of --mask and --mask-region")
     out_path = Path(out)
-    targets = [out_path] if num_images == 1 else [
-        out_path.with_name(f"{out_path.stem}_{i}{out_path.suffix}") for i in range(num_images)
-    ]  # fmt: skip
+    targets = (
+        [out_path]
+        if num_images == 1
+        else [
+            out_path.with_name(f"{out_path.stem}_{i}{out_path.suffix}") for i in range(num_images)
+        ]
+    )
     for target in targets:
         check_output_file(target, "--out", overwrite)
     if not Path(image).is_file():
@@ -167,11 +188,21 @@ def inpaint_cli(
     pipe = load_pipeline(adapter, backbone, face_model)
     gen = torch.Generator().manual_seed(seed)
     result = pipe(
-        image, mask_image=mask, reference_images=ref_files, prompt=prompt, mask_region=mask_region,
-        mode=mode, guidance_scale=guidance, num_inference_steps=steps, eta=eta, generator=gen,
-        num_images_per_prompt=num_images, paste_back=paste_back,
-        skip_bad_references=skip_bad_refs, progress=True,
-    )  # fmt: skip
+        image,
+        mask_image=mask,
+        reference_images=ref_files,
+        prompt=prompt,
+        mask_region=mask_region,
+        mode=mode,
+        guidance_scale=guidance,
+        num_inference_steps=steps,
+        eta=eta,
+        generator=gen,
+        num_images_per_prompt=num_images,
+        paste_back=paste_back,
+        skip_bad_references=skip_bad_refs,
+        progress=True,
+    )
     for img, target in zip(result.images, targets):
         fmt = Image.registered_extensions().get(target.suffix.lower(), "PNG")
         with atomic_path(target) as tmp:

@@ -40,31 +40,58 @@ def _quickstart(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from pva.demo.run import demo
 
-    demo(out=args.out, quick=args.quick, seed=args.seed, seeds=args.seeds, only=args.only,
-         overwrite=args.overwrite, workers=args.workers,
-         command="pva " + " ".join(sys.argv[1:]))  # fmt: skip
+    demo(
+        out=args.out,
+        quick=args.quick,
+        seed=args.seed,
+        seeds=args.seeds,
+        only=args.only,
+        overwrite=args.overwrite,
+        workers=args.workers,
+        command="pva " + " ".join(sys.argv[1:]),
+    )
 
 
 def _personalize(args: argparse.Namespace) -> None:
     from pva.apps import personalize_cli
 
     personalize_cli(
-        args.adapter, args.refs, args.out, steps=args.steps, variant=args.variant, seed=args.seed,
-        backbone=args.backbone, face_model=args.face_model, overwrite=args.overwrite,
+        args.adapter,
+        args.refs,
+        args.out,
+        steps=args.steps,
+        variant=args.variant,
+        seed=args.seed,
+        backbone=args.backbone,
+        face_model=args.face_model,
+        overwrite=args.overwrite,
         skip_bad_refs=args.skip_bad_refs,
-    )  # fmt: skip
+    )
 
 
 def _inpaint(args: argparse.Namespace) -> None:
     from pva.apps import inpaint_cli
 
     inpaint_cli(
-        args.adapter, args.image, args.refs, args.out, prompt=args.prompt, mask=args.mask,
-        mask_region=args.mask_region, mode=args.mode, guidance=args.guidance, steps=args.steps,
-        eta=args.eta, seed=args.seed, num_images=args.num_images, paste_back=args.paste_back,
-        backbone=args.backbone, face_model=args.face_model, overwrite=args.overwrite,
+        args.adapter,
+        args.image,
+        args.refs,
+        args.out,
+        prompt=args.prompt,
+        mask=args.mask,
+        mask_region=args.mask_region,
+        mode=args.mode,
+        guidance=args.guidance,
+        steps=args.steps,
+        eta=args.eta,
+        seed=args.seed,
+        num_images=args.num_images,
+        paste_back=args.paste_back,
+        backbone=args.backbone,
+        face_model=args.face_model,
+        overwrite=args.overwrite,
         skip_bad_refs=args.skip_bad_refs,
-    )  # fmt: skip
+    )
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
@@ -90,20 +117,42 @@ def _evaluate(args: argparse.Namespace) -> None:
     from pva.evaluate import evaluate
 
     results = evaluate(
-        args.data, args.out, methods=args.methods.split(","), adapter=args.adapter,
-        backbone=args.backbone, face_model=args.face_model, split=args.split,
-        num_refs=args.num_refs, masks=args.masks.split(","), guidance=args.guidance,
-        edit_guidance=args.edit_guidance, steps=args.steps, eta=args.eta, ft_steps=args.ft_steps,
-        cd_steps=args.cd_steps, edit=not args.no_edit, recognizer=args.recognizer,
-        inception_weights=args.inception_weights, clip_weights=args.clip_weights,
-        paste_back=args.paste_back, max_persons=args.max_persons,
-        persons=args.persons.split(",") if args.persons else None, shard_index=args.shard_index,
-        num_shards=args.num_shards, batch_size=args.batch_size, seed=args.seed,
-        prior_data=args.prior_data, prior_split=args.prior_split, prior_weight=args.prior_weight,
+        args.data,
+        args.out,
+        methods=args.methods.split(","),
+        adapter=args.adapter,
+        backbone=args.backbone,
+        face_model=args.face_model,
+        split=args.split,
+        num_refs=args.num_refs,
+        masks=args.masks.split(","),
+        guidance=args.guidance,
+        edit_guidance=args.edit_guidance,
+        steps=args.steps,
+        eta=args.eta,
+        ft_steps=args.ft_steps,
+        cd_steps=args.cd_steps,
+        edit=not args.no_edit,
+        recognizer=args.recognizer,
+        inception_weights=args.inception_weights,
+        clip_weights=args.clip_weights,
+        paste_back=args.paste_back,
+        max_persons=args.max_persons,
+        persons=args.persons.split(",") if args.persons else None,
+        shard_index=args.shard_index,
+        num_shards=args.num_shards,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        prior_data=args.prior_data,
+        prior_split=args.prior_split,
+        prior_weight=args.prior_weight,
         cd_eval_steps=list(args.cd_eval_steps),
-        ft_lr=args.ft_lr, cd_params=args.cd_params, protocol=args.protocol, cd_lr=args.cd_lr,
+        ft_lr=args.ft_lr,
+        cd_params=args.cd_params,
+        protocol=args.protocol,
+        cd_lr=args.cd_lr,
         overwrite=args.overwrite,
-    )  # fmt: skip
+    )
     print(f"generated {results['generated_this_run']} images; results in {args.out}/results.md")
 
 
@@ -695,13 +744,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="does a `pva demo` stand-in backbone use its text? (oracle captions vs plain prompt)",
     )
     tu.add_argument("--run", required=True, help="a finished `pva demo --out` folder")
-    tu.add_argument("--backbone", default=None,
-                    help="backbone folder to measure (default: RUN/models/backbone)")  # fmt: skip
+    tu.add_argument(
+        "--backbone", default=None, help="backbone folder to measure (default: RUN/models/backbone)"
+    )
     tu.add_argument(
         "--persons", type=POSITIVE_INT.arg, default=16, help="validation persons (default: 16)"
     )
-    tu.add_argument("--guidance", type=_number_list(GUIDANCE), default=(1.0, 4.0),
-                    help="comma-separated CFG scales (default: 1,4)")  # fmt: skip
+    tu.add_argument(
+        "--guidance",
+        type=_number_list(GUIDANCE),
+        default=(1.0, 4.0),
+        help="comma-separated CFG scales (default: 1,4)",
+    )
     tu.set_defaults(func=_bench_text_use)
     me = bench_sub.add_parser(
         "memory",
@@ -726,10 +780,13 @@ def build_parser() -> argparse.ArgumentParser:
         "attributes, VAE ceiling) and, optionally, PVA trained on oracle attribute embeddings",
     )
     hr.add_argument("--run", required=True, help="a finished `pva demo --out` folder")
-    hr.add_argument("--eval", default=None,
-                    help="a `pva evaluate` output on the run's shards (default: the first "
-                         "RUN/eval/seed*, which holds sd-inpaint, pva and pva-ft40; "
-                         "RUN/eval/cd-seed<k> holds Custom Diffusion's fills)")  # fmt: skip
+    hr.add_argument(
+        "--eval",
+        default=None,
+        help="a `pva evaluate` output on the run's shards (default: the first "
+        "RUN/eval/seed*, which holds sd-inpaint, pva and pva-ft40; "
+        "RUN/eval/cd-seed<k> holds Custom Diffusion's fills)",
+    )
     hr.add_argument(
         "--draws",
         type=POSITIVE_INT.arg,
@@ -764,8 +821,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
         args.func(args)
-    except (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-            ValueError, RuntimeError) as err:  # fmt: skip
+    except (
+        FileNotFoundError,
+        FileExistsError,
+        NotADirectoryError,
+        IsADirectoryError,
+        ValueError,
+        RuntimeError,
+    ) as err:
         print(f"{name}: error: {err}", file=sys.stderr)
         return 2
     finally:

@@ -103,24 +103,55 @@ def register_metric(metric: Metric) -> Metric:
 
 
 for _metric in (
-    Metric("identity_sim", "identity similarity to ground truth (mean ± std)", "{:.3f}",
-           lambda o, gt, m, lm, scorer: float(scorer.similarity(o, gt, lm)[0])),
-    Metric("masked_error", "masked-region error (mean |diff|, [0, 1])", "{:.4f}",
-           lambda o, gt, m, lm, scorer: float(masked_error(o, gt, m)[0])),
-    Metric("psnr", "masked-region PSNR (dB)", "{:.2f}",
-           lambda o, gt, m, lm, scorer: float(masked_psnr(o, gt, m)[0])),
-    Metric("ssim", "masked-region SSIM", "{:.3f}",
-           lambda o, gt, m, lm, scorer: float(masked_ssim(o, gt, m)[0])),
-    Metric("outside_error", "outside-mask error (mean |diff|, [0, 1])", "{:.4f}",
-           lambda o, gt, m, lm, scorer: float(outside_mask_error(o, gt, m)[0])),
-):  # fmt: skip
+    Metric(
+        "identity_sim",
+        "identity similarity to ground truth (mean ± std)",
+        "{:.3f}",
+        lambda o, gt, m, lm, scorer: float(scorer.similarity(o, gt, lm)[0]),
+    ),
+    Metric(
+        "masked_error",
+        "masked-region error (mean |diff|, [0, 1])",
+        "{:.4f}",
+        lambda o, gt, m, lm, scorer: float(masked_error(o, gt, m)[0]),
+    ),
+    Metric(
+        "psnr",
+        "masked-region PSNR (dB)",
+        "{:.2f}",
+        lambda o, gt, m, lm, scorer: float(masked_psnr(o, gt, m)[0]),
+    ),
+    Metric(
+        "ssim",
+        "masked-region SSIM",
+        "{:.3f}",
+        lambda o, gt, m, lm, scorer: float(masked_ssim(o, gt, m)[0]),
+    ),
+    Metric(
+        "outside_error",
+        "outside-mask error (mean |diff|, [0, 1])",
+        "{:.4f}",
+        lambda o, gt, m, lm, scorer: float(outside_mask_error(o, gt, m)[0]),
+    ),
+):
     register_metric(_metric)
 EDIT_SUFFIXES = (
-    "laughing", "serious", "smiling", "looking sad", "angry", "surprised", "has beard",
-    "with heavy makeup", "wearing lipstick", "making a funny face", "putting the tongue out",
-    "singing with a microphone", "smoking, has a cigarette", "wearing eyeglasses",
+    "laughing",
+    "serious",
+    "smiling",
+    "looking sad",
+    "angry",
+    "surprised",
+    "has beard",
+    "with heavy makeup",
+    "wearing lipstick",
+    "making a funny face",
+    "putting the tongue out",
+    "singing with a microphone",
+    "smoking, has a cigarette",
+    "wearing eyeglasses",
     "wearing sunglasses",
-)  # fmt: skip
+)
 """The 15 editing prompts of METHOD section 8 (``lib/dataset.py:11-27``):
 ``photo of a <new1> person, <suffix>``."""
 PROTOCOLS = ("ours", "paper")
@@ -168,12 +199,24 @@ def _stem(sample: dict) -> str:
 class Evaluator:
     """Generation and scoring for :func:`evaluate` (see the module docstring for arguments)."""
 
-    def __init__(self, model: PVAModel, out: Path, guidance: float, edit_guidance: float,
-                 steps: int, eta: float, ft_steps: int, cd_steps: int, seed: int,
-                 paste_back: bool, batch_size: int,
-                 cd_eval_steps: Sequence[int] = (), ft_lr: float = 1e-5,
-                 cd_variant: str = "custom-diffusion",
-                 cd_lr: float | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: PVAModel,
+        out: Path,
+        guidance: float,
+        edit_guidance: float,
+        steps: int,
+        eta: float,
+        ft_steps: int,
+        cd_steps: int,
+        seed: int,
+        paste_back: bool,
+        batch_size: int,
+        cd_eval_steps: Sequence[int] = (),
+        ft_lr: float = 1e-5,
+        cd_variant: str = "custom-diffusion",
+        cd_lr: float | None = None,
+    ) -> None:
         self.model, self.out = model.eval(), out
         self.guidance, self.edit_guidance, self.steps, self.eta = (
             guidance,
@@ -192,8 +235,15 @@ class Evaluator:
         self.prior_weight = 1.0
 
     # ---------------------------------------------------------------------- generation
-    def _sample(self, method: str, samples: list[dict], refs: torch.Tensor, prompts: list[str],
-                mode: str, guidance: float) -> list[torch.Tensor]:  # fmt: skip
+    def _sample(
+        self,
+        method: str,
+        samples: list[dict],
+        refs: torch.Tensor,
+        prompts: list[str],
+        mode: str,
+        guidance: float,
+    ) -> list[torch.Tensor]:
         model, outs = self.model, []
         identity = METHODS[method.split("@")[0]].identity
         tokens = model.encode_identity(refs[None]) if identity else None  # once per person
@@ -202,25 +252,37 @@ class Evaluator:
             n = len(chunk)
             gen = torch.Generator(device=model.device).manual_seed(self.seed)
             out = ddim_inpaint(
-                model, torch.stack([s["image"] for s in chunk]),
-                torch.stack([s["mask"] for s in chunk]), None, prompts[i : i + n],
-                negative_prompt=UNCOND_PROMPT, guidance_scale=guidance, num_steps=self.steps,
-                eta=self.eta, mode=mode, generator=gen, paste_back=self.paste_back,
+                model,
+                torch.stack([s["image"] for s in chunk]),
+                torch.stack([s["mask"] for s in chunk]),
+                None,
+                prompts[i : i + n],
+                negative_prompt=UNCOND_PROMPT,
+                guidance_scale=guidance,
+                num_steps=self.steps,
+                eta=self.eta,
+                mode=mode,
+                generator=gen,
+                paste_back=self.paste_back,
                 identity_tokens=None if tokens is None else tokens.repeat(n, 1, 1),
-            )  # fmt: skip
+            )
             outs.extend(out.cpu())
         return outs
 
     def _missing(self, method: str, pid: str, samples: list[dict]) -> list[dict]:
-        return [s for s in samples
-                if not (self.out / method / pid / f"{_stem(s)}_{s['mask_region']}.png").exists()]
+        return [
+            s
+            for s in samples
+            if not (self.out / method / pid / f"{_stem(s)}_{s['mask_region']}.png").exists()
+        ]
 
     def _write(self, method: str, pid: str, samples: list[dict], outs: list[torch.Tensor]) -> None:
         for s, o in zip(samples, outs):
             _png(self.out / method / pid / f"{_stem(s)}_{s['mask_region']}.png", o)
 
-    def person(self, method: str, person: dict, samples: list[dict], edits: list[dict],
-               timings: dict) -> None:  # fmt: skip
+    def person(
+        self, method: str, person: dict, samples: list[dict], edits: list[dict], timings: dict
+    ) -> None:
         """Generate the missing outputs of one person for one method.
 
         ``edits``: the wholeface samples of the editing track (each gets the 15 prompts).
@@ -239,8 +301,9 @@ class Evaluator:
         ]
         checkpoints: dict[int, list[dict]] = {}
         if cd:
-            checkpoints = {k: self._missing(f"{method}@{k}", pid, samples)
-                           for k in self.cd_eval_steps}  # fmt: skip
+            checkpoints = {
+                k: self._missing(f"{method}@{k}", pid, samples) for k in self.cd_eval_steps
+            }
         if not todo and not edit_todo and not any(checkpoints.values()):
             return
         refs = person["references"]
@@ -251,16 +314,15 @@ class Evaluator:
         def run() -> None:
             t0 = time.perf_counter()
             if todo:
-                outs = self._sample(method, todo, refs, [prompt] * len(todo), "inpaint",
-                                    self.guidance)  # fmt: skip
+                outs = self._sample(
+                    method, todo, refs, [prompt] * len(todo), "inpaint", self.guidance
+                )
                 self._write(method, pid, todo, outs)
             if edit_todo:
                 token = self.model.modifier_token.token + " " if spec.token else ""
                 prompts = [f"photo of a {token}person, {EDIT_SUFFIXES[k]}" for _, k in edit_todo]
                 edit_samples = [e for e, _ in edit_todo]
-                outs = self._sample(
-                    method, edit_samples, refs, prompts, "edit", self.edit_guidance
-                )
+                outs = self._sample(method, edit_samples, refs, prompts, "edit", self.edit_guidance)
                 for (edit, k), o in zip(edit_todo, outs):
                     _png(self.out / method / pid / "edit" / f"{_stem(edit)}_{k}.png", o)
             count = len(todo) + len(edit_todo)
@@ -272,8 +334,9 @@ class Evaluator:
             pending = checkpoints.get(step)
             if pending:
                 t0 = time.perf_counter()
-                outs = self._sample(method, pending, refs, [prompt] * len(pending), "inpaint",
-                                    self.guidance)  # fmt: skip
+                outs = self._sample(
+                    method, pending, refs, [prompt] * len(pending), "inpaint", self.guidance
+                )
                 self._write(f"{method}@{step}", pid, pending, outs)
                 self.generated += len(pending)
                 sampling[0] += time.perf_counter() - t0
@@ -284,11 +347,19 @@ class Evaluator:
             prior = self.prior if cd else None
             lr = self.cd_lr if cd else self.ft_lr
             variant = self.cd_variant if cd else spec.variant
-            with personalized(self.model, person["images"], person["references"],
-                              person["boxes"], steps=steps, variant=variant,
-                              seed=self.seed,
-                              lr=lr, prior=prior, prior_weight=self.prior_weight,
-                              callback=at_step if checkpoints else None):  # fmt: skip
+            with personalized(
+                self.model,
+                person["images"],
+                person["references"],
+                person["boxes"],
+                steps=steps,
+                variant=variant,
+                seed=self.seed,
+                lr=lr,
+                prior=prior,
+                prior_weight=self.prior_weight,
+                callback=at_step if checkpoints else None,
+            ):
                 timings["adapt_s_per_person"].append(time.perf_counter() - t0 - sampling[0])
                 run()
         else:
@@ -312,8 +383,14 @@ def _shards_for_folder(folder: str, shards: Path, split: str, model: PVAModel) -
     if (shards / "index.json").is_file() and record.is_file():
         if json.loads(record.read_text()) == json.loads(json.dumps(source)):
             return str(shards)
-    build_shards(folder, shards, image_size=size, val_fraction=fractions[0],
-                 test_fraction=fractions[1], overwrite=True)  # fmt: skip
+    build_shards(
+        folder,
+        shards,
+        image_size=size,
+        val_fraction=fractions[0],
+        test_fraction=fractions[1],
+        overwrite=True,
+    )
     with atomic_path(record) as tmp:
         tmp.write_text(json.dumps(source, indent=1))
     return str(shards)
@@ -334,9 +411,12 @@ def _prior_sampler(shards: str, split: str, num_refs: int) -> Callable[[torch.Ge
 
     def draw(gen: torch.Generator) -> dict:
         s = pool[int(torch.randint(len(pool), (1,), generator=gen))]
-        return {"image": s["image"][None], "mask": s["mask"][None],
-                "references": torch.stack(s["references"])[None],
-                "prompt": [UNCOND_PROMPT]}  # fmt: skip
+        return {
+            "image": s["image"][None],
+            "mask": s["mask"][None],
+            "references": torch.stack(s["references"])[None],
+            "prompt": [UNCOND_PROMPT],
+        }
 
     return draw
 
@@ -348,8 +428,9 @@ def _save_ground_truth(out: Path, person: str, samples: list[dict]) -> None:
             _png(base.with_suffix(".gt.png"), s["image"])
             _png(base.with_suffix(".mask.png"), s["mask"].repeat(3, 1, 1) * 2 - 1)
             with atomic_path(base.with_suffix(".json")) as tmp:
-                tmp.write_text(json.dumps({"landmarks": s["landmarks"].tolist(),
-                                           "mask": s["mask_region"]}))  # fmt: skip
+                tmp.write_text(
+                    json.dumps({"landmarks": s["landmarks"].tolist(), "mask": s["mask_region"]})
+                )
 
 
 def evaluate(
@@ -468,8 +549,10 @@ def evaluate(
         message = f"--shard-index must be below --num-shards ({num_shards})"
         raise ValueError(f"{message}, got {shard_index}")
     if overwrite and num_shards > 1:
-        raise ValueError("--overwrite deletes --out, so it cannot run in --num-shards processes; "
-                         "delete --out first, then start them")  # fmt: skip
+        raise ValueError(
+            "--overwrite deletes --out, so it cannot run in --num-shards processes; "
+            "delete --out first, then start them"
+        )
     if protocol not in PROTOCOLS:
         raise ValueError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
     if cd_params not in CD_PARAMS:
@@ -520,20 +603,39 @@ def evaluate(
         "backbone": content_stamp(backbone) if Path(backbone).exists() else backbone,  # or hub id
         "face_model": content_stamp(face_model),
         "prior_data": None if prior_data is None else content_stamp(prior_data),
-        "split": split, "num_refs": num_refs, "masks": list(masks), "guidance": guidance,
-        "edit_guidance": edit_guidance, "steps": steps, "eta": eta, "ft_steps": ft_steps,
-        "cd_steps": cd_steps, "edit": edit, "paste_back": paste_back, "seed": seed,
-        "prior_split": prior_split, "prior_weight": prior_weight, "ft_lr": ft_lr,
-        "cd_params": cd_params, "protocol": protocol, "cd_lr": cd_lr,
-    }  # fmt: skip
+        "split": split,
+        "num_refs": num_refs,
+        "masks": list(masks),
+        "guidance": guidance,
+        "edit_guidance": edit_guidance,
+        "steps": steps,
+        "eta": eta,
+        "ft_steps": ft_steps,
+        "cd_steps": cd_steps,
+        "edit": edit,
+        "paste_back": paste_back,
+        "seed": seed,
+        "prior_split": prior_split,
+        "prior_weight": prior_weight,
+        "ft_lr": ft_lr,
+        "cd_params": cd_params,
+        "protocol": protocol,
+        "cd_lr": cd_lr,
+    }
     record = out_dir / "run.json"
     if out_dir.is_dir():  # anything but the record is written after it: check the record last
         made = [p for p in out_dir.iterdir() if p.name not in ("run.json",) and p.name[0] != "."]
         if made and not record.is_file():
-            raise FileExistsError(f"--out '{out_dir}' holds files but no run.json recording what "
-                                  f"they were made from; use another --out, or pass --overwrite")
-    check_record(record, inputs, f"--out '{out_dir}'",
-                 "use another --out, or pass --overwrite to start it over")  # fmt: skip
+            raise FileExistsError(
+                f"--out '{out_dir}' holds files but no run.json recording what "
+                f"they were made from; use another --out, or pass --overwrite"
+            )
+    check_record(
+        record,
+        inputs,
+        f"--out '{out_dir}'",
+        "use another --out, or pass --overwrite to start it over",
+    )
     if adapter is not None:
         from pva.apps import load_pipeline
 
@@ -546,9 +648,23 @@ def evaluate(
     dm = ShardDataModule(data, max_refs=num_refs, eval_masks=tuple(masks), num_workers=0)
     stream = dm.stream(split, False)
     stream.rank, stream.world_size = 0, 1
-    ev = Evaluator(model, out_dir, guidance, edit_guidance, steps, eta, ft_steps, cd_steps, seed,
-                   paste_back, batch_size, cd_eval_steps, ft_lr, CD_PARAMS[cd_params],
-                   cd_lr)  # fmt: skip
+    ev = Evaluator(
+        model,
+        out_dir,
+        guidance,
+        edit_guidance,
+        steps,
+        eta,
+        ft_steps,
+        cd_steps,
+        seed,
+        paste_back,
+        batch_size,
+        cd_eval_steps,
+        ft_lr,
+        CD_PARAMS[cd_params],
+        cd_lr,
+    )
     if prior_data is not None:
         ev.prior = _prior_sampler(prior_data, prior_split, num_refs)
         ev.prior_weight = prior_weight
@@ -558,8 +674,10 @@ def evaluate(
         by_id = {rec.meta["person"]: rec for rec in records}
         missing = [p for p in persons if p not in by_id]
         if missing:
-            raise ValueError(f"--persons: {', '.join(missing)} not in the {split} split of "
-                             f"'{data}' (it has {', '.join(list(by_id)[:5])}, ...)")  # fmt: skip
+            raise ValueError(
+                f"--persons: {', '.join(missing)} not in the {split} split of "
+                f"'{data}' (it has {', '.join(list(by_id)[:5])}, ...)"
+            )
         records = [by_id[p] for p in dict.fromkeys(persons)]
     records = records[: max_persons or None]
     for k, rec in enumerate(tqdm(records, desc="persons", unit="person")):
@@ -670,8 +788,9 @@ def score(
                 entry[mask_kind]["kid"] = [kid_scale * kid[0], kid_scale * kid[1]]
         edits = sorted(out.glob(f"{method}/*/edit/*.png"))
         if edits and clip is not None:
-            prompts = [f"photo of a person, {EDIT_SUFFIXES[int(p.stem.rsplit('_', 1)[1])]}"
-                       for p in edits]  # fmt: skip
+            prompts = [
+                f"photo of a person, {EDIT_SUFFIXES[int(p.stem.rsplit('_', 1)[1])]}" for p in edits
+            ]
             scores = []
             for i in range(0, len(edits), 64):  # bounded memory on the paper's 47k edits
                 imgs = torch.stack([_load_png(p) for p in edits[i : i + 64]])
@@ -712,20 +831,35 @@ def results_markdown(results: dict) -> str:
 
     tables = [(metric.title, metric.name, metric.fmt) for metric in METRICS.values()]
     for title, key, fmt in [*tables, ("FID", "fid", "{:.2f}"), (kid_title, "kid", "{:.4f}")]:
-        lines += ["", f"## Inpainting: {title}", "", "| method | " + " | ".join(masks) + " |",
-                  "|---|" + "---|" * len(masks)]  # fmt: skip
+        lines += [
+            "",
+            f"## Inpainting: {title}",
+            "",
+            "| method | " + " | ".join(masks) + " |",
+            "|---|" + "---|" * len(masks),
+        ]
         for m in methods:
             lines.append(f"| {m} | " + " | ".join(cell(m, k, key, fmt) for k in masks) + " |")
-    lines += ["", "## Editing (15 prompts, wholeface mask)", "",
-              "| method | outputs | CLIP score |", "|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "## Editing (15 prompts, wholeface mask)",
+        "",
+        "| method | outputs | CLIP score |",
+        "|---|---|---|",
+    ]
     for m, e in methods.items():
         ed = e.get("edit", {})
         cs = ed.get("clip_score")
         cs_fmt = "{:.3f} ± {:.3f}" if protocol == "paper" else "{:.2f} ± {:.2f}"  # raw cosine
         cs_text = cs_fmt.format(*cs) if cs else "- (no --clip-weights)"
         lines.append(f"| {m} | {ed.get('n', 0)} | {cs_text} |")
-    lines += ["", "## Seconds", "", "| method | adaptation per person | sampling per image |",
-              "|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "## Seconds",
+        "",
+        "| method | adaptation per person | sampling per image |",
+        "|---|---|---|",
+    ]
     for m, e in methods.items():
         s = e.get("seconds", {})
 

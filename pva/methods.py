@@ -51,7 +51,12 @@ for _method in (
     Method("pva", "zero-shot PVA"),
     Method("pva-ft40", "PVA-FT: visual Q/K/V + token, --ft-steps", variant="pva"),
     Method("crossqkv-ft40", "CrossQKV-FT: + every cross-attention weight", variant="crossqkv"),
-    Method("custom-diffusion", "the baseline: cross-attention + token, no identity tokens",
-           identity=False, variant="custom-diffusion", schedule="cd"),
-):  # fmt: skip
+    Method(
+        "custom-diffusion",
+        "the baseline: cross-attention + token, no identity tokens",
+        identity=False,
+        variant="custom-diffusion",
+        schedule="cd",
+    ),
+):
     register_method(_method)

@@ -131,8 +131,10 @@ class PVAModule(L.LightningModule):
             allowed = "float32, bfloat16 or float16"
             raise ValueError(f"model.frozen_dtype must be {allowed}, got {frozen_dtype!r}")
         if cache_encodings and self.pva_config.train_face_backbone:
-            raise ValueError("model.cache_encodings needs a frozen face backbone; it cannot be "
-                             "combined with pva.train_face_backbone (stage 2)")  # fmt: skip
+            raise ValueError(
+                "model.cache_encodings needs a frozen face backbone; it cannot be "
+                "combined with pva.train_face_backbone (stage 2)"
+            )
         self._moments: dict[str, Tensor] = {}  # image key -> (8, h, w) VAE posterior
         self._embeddings: dict[str, Tensor] = {}  # reference key -> (E,) face embedding
 
@@ -191,8 +193,9 @@ class PVAModule(L.LightningModule):
         param_groups = [
             {"params": params, "lr": lrs[name], "name": name} for name, params in groups.items()
         ]
-        return torch.optim.AdamW(param_groups, weight_decay=hp.weight_decay,
-                                 fused=fused_adam_ok(param_groups))  # fmt: skip
+        return torch.optim.AdamW(
+            param_groups, weight_decay=hp.weight_decay, fused=fused_adam_ok(param_groups)
+        )
 
     def on_train_start(self) -> None:
         """Log the effective learning rates once (the PVA one depends on the world size)."""
@@ -240,8 +243,10 @@ class PVAModule(L.LightningModule):
         Encodes (in one call per encoder) only what the cache lacks. See ``cache_encodings``.
         """
         if "image_key" not in batch or "reference_keys" not in batch:
-            raise KeyError("model.cache_encodings needs batches with image_key and "
-                           "reference_keys (datamodules.ShardDataModule's)")  # fmt: skip
+            raise KeyError(
+                "model.cache_encodings needs batches with image_key and "
+                "reference_keys (datamodules.ShardDataModule's)"
+            )
         model = self._require_model()
         keys: list[str] = list(batch["image_key"])
         new = [i for i, k in enumerate(keys) if k not in self._moments]
@@ -267,8 +272,11 @@ class PVAModule(L.LightningModule):
             for j, k in enumerate(row):
                 if k:
                     embeddings[b, j] = self._embeddings[k]
-        return {**batch, "latent_moments": torch.stack([self._moments[k] for k in keys]),
-                "reference_embeddings": embeddings}  # fmt: skip
+        return {
+            **batch,
+            "latent_moments": torch.stack([self._moments[k] for k in keys]),
+            "reference_embeddings": embeddings,
+        }
 
     def setup(self, stage: str) -> None:
         """Refuse ``nonfinite: skip`` under several processes (ranks must step together)."""
@@ -284,8 +292,12 @@ class PVAModule(L.LightningModule):
         if self._step_start is not None:
             seconds = time.perf_counter() - self._step_start
             self.log("train/samples_per_s", len(batch["prompt"]) / max(seconds, 1e-9))
-        self.log("data/skipped_records", float(self.skipped_records(batch)), reduce_fx="sum",
-                 sync_dist=self.trainer.world_size > 1)  # fmt: skip
+        self.log(
+            "data/skipped_records",
+            float(self.skipped_records(batch)),
+            reduce_fx="sum",
+            sync_dist=self.trainer.world_size > 1,
+        )
 
     def on_train_end(self) -> None:
         """Log the final count of skipped records (a last step need not be a logging step)."""
@@ -295,13 +307,19 @@ class PVAModule(L.LightningModule):
         if total:
             from lightning.pytorch.utilities import rank_zero_warn
 
-            rank_zero_warn(f"{total} shard records or samples were skipped on rank 0 (each "
-                           f"warned above; logged as data/skipped_records)")  # fmt: skip
+            rank_zero_warn(
+                f"{total} shard records or samples were skipped on rank 0 (each "
+                f"warned above; logged as data/skipped_records)"
+            )
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Log the global L2 norm of the trainable parameters' gradients."""
-        grads = [p.grad.detach().float().norm() for g in optimizer.param_groups
-                 for p in g["params"] if p.grad is not None]  # fmt: skip
+        grads = [
+            p.grad.detach().float().norm()
+            for g in optimizer.param_groups
+            for p in g["params"]
+            if p.grad is not None
+        ]
         if grads:
             self.log("train/grad_norm", torch.stack(grads).norm())
 

@@ -186,8 +186,10 @@ def personalized(
         raise ValueError("images, references and boxes must have the same length")
     groups = trainable_for(model, variant)
     params = [p for g in groups.values() for _, p in g]
-    saved = [(p, p.detach().clone(), None if p.grad is None else p.grad.clone(), p.requires_grad)
-             for p in params]  # fmt: skip
+    saved = [
+        (p, p.detach().clone(), None if p.grad is None else p.grad.clone(), p.requires_grad)
+        for p in params
+    ]
     was_training = model.training
     result = PersonalizeResult()
     device = model.device
@@ -256,9 +258,9 @@ def personalized(
                             for r in batch_refs
                         ]
                         batch["identity_tokens"] = torch.cat(tokens)  # (B, n_id, D)
-                loss = model.training_loss(batch, timestep_draws,
-                                           identity_dropout=float(no_identity),
-                                           generator=gen)  # fmt: skip
+                loss = model.training_loss(
+                    batch, timestep_draws, identity_dropout=float(no_identity), generator=gen
+                )
                 if prior is not None:
                     prior_batch = prior(flip_gen)
                     prior_loss = model.training_loss(

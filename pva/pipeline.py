@@ -201,8 +201,9 @@ class PVAInpaintPipeline(DiffusionPipeline):
                     f" an arcface_torch .pth"
                 )
         if self.pva is None:
-            backbone = Backbone(self.vae, self.text_encoder, self.tokenizer, self.unet,
-                                self.scheduler)  # fmt: skip
+            backbone = Backbone(
+                self.vae, self.text_encoder, self.tokenizer, self.unet, self.scheduler
+            )
             self.pva = PVAModel(backbone, load_iresnet(face_model), config_from_adapter(adapter))
         else:  # a fresh start for every adapter: undo CrossQKV-FT weights of an earlier one
             state = self.pva.state_dict()
@@ -232,8 +233,9 @@ class PVAInpaintPipeline(DiffusionPipeline):
         procs = self.unet.attn_processors
         self.unet.set_attn_processor(AttnProcessor2_0())
         try:
-            Backbone(self.vae, self.text_encoder, self.tokenizer, self.unet,
-                     self.scheduler).save_pretrained(path, overwrite=overwrite)  # fmt: skip
+            Backbone(
+                self.vae, self.text_encoder, self.tokenizer, self.unet, self.scheduler
+            ).save_pretrained(path, overwrite=overwrite)
         finally:
             self.unet.set_attn_processor(procs)
         if self.pva is not None:
@@ -363,10 +365,20 @@ class PVAInpaintPipeline(DiffusionPipeline):
         x = _to_tensor(crop.image)[None].repeat(n, 1, 1, 1)  # (n, 3, S, S)
         m = torch.from_numpy(crop_mask).float()[None, None].repeat(n, 1, 1, 1)  # (n, 1, S, S)
         out = ddim_inpaint(
-            model, x, m, None, [prompt] * n, negative_prompt=negative_prompt,
-            guidance_scale=guidance_scale, num_steps=num_inference_steps, eta=eta, mode=mode,
-            generator=generator, identity_tokens=tokens.repeat(n, 1, 1), progress=progress,
-        )  # fmt: skip
+            model,
+            x,
+            m,
+            None,
+            [prompt] * n,
+            negative_prompt=negative_prompt,
+            guidance_scale=guidance_scale,
+            num_steps=num_inference_steps,
+            eta=eta,
+            mode=mode,
+            generator=generator,
+            identity_tokens=tokens.repeat(n, 1, 1),
+            progress=progress,
+        )
         results = []
         for o in out:
             face = ((o.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
@@ -397,23 +409,29 @@ class PVAInpaintPipeline(DiffusionPipeline):
         if mask.shape != (h, w):
             mh, mw = mask.shape
             if abs(mw / mh - w / h) > 0.01:
-                raise ValueError(f"mask size {mw}x{mh} does not match image size {w}x{h} "
-                                 f"(different aspect ratio)")  # fmt: skip
+                raise ValueError(
+                    f"mask size {mw}x{mh} does not match image size {w}x{h} "
+                    f"(different aspect ratio)"
+                )
             _warn(f"mask size {mw}x{mh} differs from image size {w}x{h}; resizing it")
             mask = np.asarray(Image.fromarray(mask.astype(np.uint8)).resize((w, h), Image.NEAREST))
         return mask > 127
 
     @staticmethod
-    def _region_mask(region: str, landmarks: np.ndarray, size: int,
-                     generator: torch.Generator | None) -> np.ndarray:  # fmt: skip
+    def _region_mask(
+        region: str, landmarks: np.ndarray, size: int, generator: torch.Generator | None
+    ) -> np.ndarray:
         from pva.data.masks import box_mask, training_mask
 
         if region == "random":
             seed = 0 if generator is None else int(generator.initial_seed())
-            boxes = {r: region_box(landmarks, r, (size, size))
-                     for r in ("lowerface", "eyebrow", "wholeface")}  # fmt: skip
+            boxes = {
+                r: region_box(landmarks, r, (size, size))
+                for r in ("lowerface", "eyebrow", "wholeface")
+            }
             return training_mask(size, boxes, random.Random(seed))[0]
         if region not in ("lowerface", "eyebrow", "wholeface"):
-            raise ValueError(f"mask_region must be lowerface, eyebrow, wholeface or random, "
-                             f"got {region!r}")  # fmt: skip
+            raise ValueError(
+                f"mask_region must be lowerface, eyebrow, wholeface or random, got {region!r}"
+            )
         return box_mask(size, region_box(landmarks, region, (size, size)))

@@ -119,9 +119,16 @@ def quickstart(
     g = torch.Generator().manual_seed(seed)
     prompt = conditional_prompt(model.config.modifier_token)
     result = ddim_inpaint(
-        model, target[None], mask[None], refs[None], [prompt],
-        guidance_scale=guidance, num_steps=sample_steps, generator=g, paste_back=True,
-    )[0]  # fmt: skip
+        model,
+        target[None],
+        mask[None],
+        refs[None],
+        [prompt],
+        guidance_scale=guidance,
+        num_steps=sample_steps,
+        generator=g,
+        paste_back=True,
+    )[0]
     masked = target * (mask < 0.5)
     grid_path = out / "inpainted.png"
     _grid([[masked, result, target], list(refs)]).save(grid_path)

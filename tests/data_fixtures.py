@@ -23,8 +23,14 @@ PERSONS = {
     "0005": "photomaker/yangmi_woman",
     "0006": "deepface/id06_img26",
 }
-SPLIT = {"0001": "train", "0002": "train", "0003": "train", "0004": "val", "0005": "test",
-         "0006": "test"}  # fmt: skip
+SPLIT = {
+    "0001": "train",
+    "0002": "train",
+    "0003": "train",
+    "0004": "val",
+    "0005": "test",
+    "0006": "test",
+}
 
 
 def _photos(folder: str, limit: int = 6) -> list[Path]:
@@ -88,8 +94,10 @@ def make_celebahq_idi(root: Path, captions_path: Path) -> dict:
             names.append(name)
             image2id[name] = pid
             if n % 2 == 0:
-                captions[name] = {"overall_caption": samples[n % len(samples)],
-                                  "attribute_wise_captions": {}}  # fmt: skip
+                captions[name] = {
+                    "overall_caption": samples[n % len(samples)],
+                    "attribute_wise_captions": {},
+                }
             n += 1
         if pid == "0006":
             Image.fromarray(np.zeros((256, 256, 3), np.uint8)).save(root / "image" / f"{n}.jpg")
@@ -138,15 +146,24 @@ def authors_bbox(points: np.ndarray, size: int) -> list[int]:
     h, w = x_max - x_min, y_max - y_min
     w = int(max(1.2 * w, 0.2 * size))
     h = int(max(1.2 * h, 0.2 * size))
-    return [max(int(c_y - w / 2), 0), max(int(c_x - h / 2), 0),
-            min(int(c_y + w / 2), size), min(int(c_x + h / 2), size)]  # fmt: skip
+    return [
+        max(int(c_y - w / 2), 0),
+        max(int(c_x - h / 2), 0),
+        min(int(c_y + w / 2), size),
+        min(int(c_x + h / 2), size),
+    ]
 
 
 AUTHORS_REGIONS = {  # create_bbox's point sets (lowerface = lm[1:16], lib/dataset.py:97)
-    "leye": slice(36, 42), "reye": slice(43, 48), "eye": slice(36, 48),
-    "eyebrow": np.r_[17:27, 36:48], "lowerface": slice(1, 16), "wholeface": slice(0, 68),
-    "mouth": slice(48, 68), "nose": slice(27, 36),
-}  # fmt: skip
+    "leye": slice(36, 42),
+    "reye": slice(43, 48),
+    "eye": slice(36, 48),
+    "eyebrow": np.r_[17:27, 36:48],
+    "lowerface": slice(1, 16),
+    "wholeface": slice(0, 68),
+    "mouth": slice(48, 68),
+    "nose": slice(27, 36),
+}
 
 
 def to_authors_annotation(root: Path) -> dict[str, dict[str, list[int]]]:

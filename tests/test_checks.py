@@ -73,14 +73,21 @@ def _numeric_flags():
 
 def test_the_walk_finds_the_flags_the_issue_names():
     flags = {(" ".join(p), f) for p, f, _ in _numeric_flags()}
-    assert {("inpaint", "--steps"), ("inpaint", "--num-images"), ("inpaint", "--guidance"),
-            ("evaluate", "--cd-eval-steps"), ("shards build", "--val-fraction"),
-            ("bench text-use", "--guidance"), ("quickstart", "--image-size")} <= flags  # fmt: skip
+    assert {
+        ("inpaint", "--steps"),
+        ("inpaint", "--num-images"),
+        ("inpaint", "--guidance"),
+        ("evaluate", "--cd-eval-steps"),
+        ("shards build", "--val-fraction"),
+        ("bench text-use", "--guidance"),
+        ("quickstart", "--image-size"),
+    } <= flags
     assert len(flags) > 50
 
 
-@pytest.mark.parametrize("path,flag,allowed", _numeric_flags(),
-                         ids=[f"{'-'.join(p)}{f}" for p, f, _ in _numeric_flags()])  # fmt: skip
+@pytest.mark.parametrize(
+    "path,flag,allowed", _numeric_flags(), ids=[f"{'-'.join(p)}{f}" for p, f, _ in _numeric_flags()]
+)
 def test_every_numeric_flag_refuses_0_minus_1_nan_and_inf_outside_its_range(
     path, flag, allowed, capsys
 ):
@@ -120,10 +127,28 @@ def test_the_issues_examples_through_the_real_cli(tmp_path):
         (["--guidance", "nan"], "argument --guidance: must be a finite number >= 0, got 'nan'"),
     ):
         res = subprocess.run(
-            [sys.executable, "-m", "pva.cli", "inpaint", "--adapter", "a.safetensors", "--image",
-             "x.jpg", "--refs", ".", "--mask-region", "eyebrow", "--out", str(tmp_path / "o.png"),
-             *args], capture_output=True, text=True, cwd=REPO, timeout=120,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "pva.cli",
+                "inpaint",
+                "--adapter",
+                "a.safetensors",
+                "--image",
+                "x.jpg",
+                "--refs",
+                ".",
+                "--mask-region",
+                "eyebrow",
+                "--out",
+                str(tmp_path / "o.png"),
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=120,
+        )
         assert res.returncode == 2, res.stderr
         assert res.stderr.strip().splitlines()[-1] == f"pva inpaint: error: {needle}"
         assert not (tmp_path / "o.png").exists()
@@ -172,8 +197,11 @@ def test_every_numeric_config_value_is_checked_on_construction(owner):
 
 
 def test_the_functions_behind_the_commands_check_every_number():
-    for fn, ranges in ((evaluate, EVALUATE_RANGES), (build_shards, BUILD_RANGES),
-                       (PVAInpaintPipeline.__call__, CALL_RANGES)):  # fmt: skip
+    for fn, ranges in (
+        (evaluate, EVALUATE_RANGES),
+        (build_shards, BUILD_RANGES),
+        (PVAInpaintPipeline.__call__, CALL_RANGES),
+    ):
         assert set(_numeric_params(fn)) == set(ranges), fn.__name__
     with pytest.raises(RangeError, match="--ft-steps must be an integer >= 1, got 0"):
         evaluate("data", "out", ft_steps=0)
@@ -195,8 +223,13 @@ def test_train_py_refuses_bad_config_values_in_one_line(tiny_assets, tmp_path):
         "1, got 0",
     }
     for flag, line in cases.items():
-        res = subprocess.run([sys.executable, "train.py", "fit", "--config", str(path), flag],
-                             capture_output=True, text=True, cwd=REPO, timeout=300)  # fmt: skip
+        res = subprocess.run(
+            [sys.executable, "train.py", "fit", "--config", str(path), flag],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=300,
+        )
         assert res.returncode == 2, res.stderr[-2000:]
         assert res.stderr.strip().splitlines()[-1] == line
         assert "Traceback" not in res.stderr

@@ -237,8 +237,19 @@ def test_an_output_folder_given_as_an_existing_file(tmp_path, capsys):
     (people / "id02_img3").symlink_to(REPO.parent / "shared/data/faces/deepface/id02_img3")
     out = tmp_path / "shards"
     out.write_bytes(b"")  # an empty file where the output folder goes
-    args = ["shards", "build", str(people), "--out", str(out), "--image-size", "64",
-            "--test-fraction", "0", "--val-fraction", "0"]  # fmt: skip
+    args = [
+        "shards",
+        "build",
+        str(people),
+        "--out",
+        str(out),
+        "--image-size",
+        "64",
+        "--test-fraction",
+        "0",
+        "--val-fraction",
+        "0",
+    ]
     assert main(args) == 2
     assert capsys.readouterr().err.strip() == (
         f"pva shards: error: --out '{out}' is a file, not a folder; pass --overwrite to replace it"
@@ -249,5 +260,8 @@ def test_an_output_folder_given_as_an_existing_file(tmp_path, capsys):
     quick = tmp_path / "q"
     quick.write_bytes(b"")
     assert main(["quickstart", "--out", str(quick), "--steps", "1"]) == 2
-    assert capsys.readouterr().err.strip().endswith(f"--out '{quick}' is a file, not a folder; "
-                                                    f"pass --overwrite to replace it")  # fmt: skip
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(f"--out '{quick}' is a file, not a folder; pass --overwrite to replace it")
+    )

@@ -122,9 +122,24 @@ def test_the_authors_annotation_files_build_every_photo_with_their_own_boxes(tmp
     facts = make_celebahq_idi(root, SHARED / "data/captions/celeba_dialog_style_samples.json")
     boxes = to_authors_annotation(root)
     out = tmp_path / "shards"
-    res = subprocess.run([sys.executable, "-m", "pva.cli", "shards", "build", str(root), "--out",
-                          str(out), "--image-size", str(SIZE)], capture_output=True, text=True,
-                         cwd=REPO, timeout=600)  # fmt: skip
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pva.cli",
+            "shards",
+            "build",
+            str(root),
+            "--out",
+            str(out),
+            "--image-size",
+            str(SIZE),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     index = read_index(out)
     skipped = [Path(s["file"]).name for s in index["skipped_images"]]
@@ -144,13 +159,30 @@ def test_the_authors_annotation_files_build_every_photo_with_their_own_boxes(tmp
     assert seen == kept
     moved = [int(v * SIZE / widths["0.jpg"]) for v in (20, 10, 90, 60)]  # image 0's own box
     assert boxes["0.jpg"]["lowerface"] == [20, 10, 90, 60]
-    assert [e["boxes"]["lowerface"] for rec in _records(out, "train") for e in rec.meta["images"]
-            if e["file"] == "0.jpg"] == [moved]  # fmt: skip
+    assert [
+        e["boxes"]["lowerface"]
+        for rec in _records(out, "train")
+        for e in rec.meta["images"]
+        if e["file"] == "0.jpg"
+    ] == [moved]
 
     (root / "annotation" / "landmarks.json").write_text(json.dumps({"0.jpg": {"image": {}}}))
-    res = subprocess.run([sys.executable, "-m", "pva.cli", "shards", "build", str(root), "--out",
-                          str(tmp_path / "bad")], capture_output=True, text=True, cwd=REPO,
-                         timeout=120)  # fmt: skip
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pva.cli",
+            "shards",
+            "build",
+            str(root),
+            "--out",
+            str(tmp_path / "bad"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert res.returncode == 2 and "landmarks.json': entry '0.jpg'" in res.stderr
     assert not (tmp_path / "bad").exists()
 
@@ -221,8 +253,9 @@ def test_training_batches_shapes_references_and_masks(idi):
     dm = _dm(idi["out"], batch_size=4, samples_per_epoch=48)
     faces = {}
     for rec in _records(idi["out"], "train"):
-        faces[rec.meta["person"]] = {e["file"]: decode_jpeg(f)
-                                     for e, f in zip(rec.meta["images"], rec.face)}  # fmt: skip
+        faces[rec.meta["person"]] = {
+            e["file"]: decode_jpeg(f) for e, f in zip(rec.meta["images"], rec.face)
+        }
     batches = list(dm.train_dataloader())
     assert len(batches) == 12
     ks = set()
@@ -311,8 +344,11 @@ def test_decode_cache_gives_the_same_batches_and_stays_within_its_bound(idi):
 
 def test_evaluation_masks_cover_the_landmark_region_exactly(idi):
     dm = _dm(idi["out"], batch_size=8)
-    boxes = {(r.meta["person"], e["file"]): e["boxes"]
-             for r in _records(idi["out"], "test") for e in r.meta["images"]}  # fmt: skip
+    boxes = {
+        (r.meta["person"], e["file"]): e["boxes"]
+        for r in _records(idi["out"], "test")
+        for e in r.meta["images"]
+    }
     seen = set()
     for batch in dm.test_dataloader():
         for b, kind in enumerate(batch["mask_region"]):
@@ -403,8 +439,11 @@ def _ddp_worker(rank: int, world: int, out: str, port: int, result_dir: str) -> 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     dm = ShardDataModule(out, batch_size=2, samples_per_epoch=20, num_workers=1)
-    val = [(p, f, k) for b in dm.val_dataloader()
-           for p, f, k in zip(b["person"], b["file"], b["mask_region"])]  # fmt: skip
+    val = [
+        (p, f, k)
+        for b in dm.val_dataloader()
+        for p, f, k in zip(b["person"], b["file"], b["mask_region"])
+    ]
     n_train = sum(1 for _ in dm.train_dataloader())
     Path(result_dir, f"{rank}.json").write_text(json.dumps({"val": val, "train": n_train}))
     torch.distributed.destroy_process_group()
@@ -414,12 +453,18 @@ def test_ddp_two_ranks_split_evaluation_and_train_equally(people, tmp_path):
     port = 29500 + os.getpid() % 1000
     mp.spawn(_ddp_worker, args=(2, str(people["out"]), port, str(tmp_path)), nprocs=2)
     r0, r1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1))
-    single = [(p, f, k) for b in _dm(people["out"], batch_size=2).test_dataloader()
-              for p, f, k in zip(b["person"], b["file"], b["mask_region"])]  # fmt: skip
+    single = [
+        (p, f, k)
+        for b in _dm(people["out"], batch_size=2).test_dataloader()
+        for p, f, k in zip(b["person"], b["file"], b["mask_region"])
+    ]
     assert r0["train"] == r1["train"] == 20 // (2 * 2)
     v0, v1 = {tuple(x) for x in r0["val"]}, {tuple(x) for x in r1["val"]}
-    full_val = {(p, f, k) for b in _dm(people["out"], batch_size=2).val_dataloader()
-                for p, f, k in zip(b["person"], b["file"], b["mask_region"])}  # fmt: skip
+    full_val = {
+        (p, f, k)
+        for b in _dm(people["out"], batch_size=2).val_dataloader()
+        for p, f, k in zip(b["person"], b["file"], b["mask_region"])
+    }
     assert not v0 & v1 and v0 | v1 == full_val
     assert single  # test split readable too
 
@@ -483,8 +528,9 @@ def test_a_training_split_with_nothing_readable_stops_naming_shards_and_reasons(
     finally:
         signal.alarm(0)
     message = str(info.value)
-    assert message.startswith("no training sample could be read from any of the 2 shards of "
-                              "the train split")  # fmt: skip
+    assert message.startswith(
+        "no training sample could be read from any of the 2 shards of the train split"
+    )
     for name in names:
         assert name in message
     assert "outside the schema" in message and "ReadError" in message  # each shard's reason
@@ -496,11 +542,18 @@ def test_validation_with_nothing_readable_stops_instead_of_giving_no_batch(idi, 
 
     unreadable_split(idi["out"], tmp_path / "bad", "val")
     dm = _dm(tmp_path / "bad", batch_size=2)
-    for read in (lambda: list(dm.val_dataloader()), lambda: dm.fixed_batches("val", 2, 2),
-                 lambda: dm.person_photos("val"), lambda: list(dm.records("val"))):  # fmt: skip
-        with pytest.raises(ShardReadError, match=r"no person record could be read from any of "
-                                                 r"the 2 shards of the val split: '.*val-torn"):
-            read()  # fmt: skip
+    for read in (
+        lambda: list(dm.val_dataloader()),
+        lambda: dm.fixed_batches("val", 2, 2),
+        lambda: dm.person_photos("val"),
+        lambda: list(dm.records("val")),
+    ):
+        with pytest.raises(
+            ShardReadError,
+            match=r"no person record could be read from any of "
+            r"the 2 shards of the val split: '.*val-torn",
+        ):
+            read()
 
 
 @pytest.mark.parametrize("workers", [0, 1])

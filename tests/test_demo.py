@@ -25,8 +25,11 @@ from pva.faces import region_boxes
 
 
 def _digest(root) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}  # fmt: skip
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_generator_is_deterministic_per_seed(tmp_path):
@@ -79,8 +82,10 @@ def test_attributes_are_constant_per_person_and_differ_between_persons():
 def _features(image: np.ndarray) -> np.ndarray:
     """A simple probe's input: 8x8 mean colours plus an 8-bin histogram per channel."""
     small = image.reshape(8, 16, 8, 16, 3).mean((1, 3)).ravel() / 255.0
-    hist = [np.histogram(image[..., c], bins=8, range=(0, 256))[0] / image[..., 0].size
-            for c in range(3)]  # fmt: skip
+    hist = [
+        np.histogram(image[..., c], bins=8, range=(0, 256))[0] / image[..., 0].size
+        for c in range(3)
+    ]
     return np.concatenate([small, *hist])
 
 
@@ -112,10 +117,12 @@ def test_hidden_attributes_are_not_recoverable_from_the_context(attribute):
         labels.append(getattr(person, attribute))
     region_only, context, labels = np.array(region_only), np.array(context), np.array(labels)
     split = 360
-    acc_region = _ridge_probe(region_only[:split], labels[:split], region_only[split:],
-                              labels[split:], classes)  # fmt: skip
-    acc_ctx = _ridge_probe(context[:split], labels[:split], context[split:], labels[split:],
-                           classes)  # fmt: skip
+    acc_region = _ridge_probe(
+        region_only[:split], labels[:split], region_only[split:], labels[split:], classes
+    )
+    acc_ctx = _ridge_probe(
+        context[:split], labels[:split], context[split:], labels[split:], classes
+    )
     chance = 1.0 / classes
     assert acc_region > chance + 0.3, acc_region  # the probe can read the attribute there
     # 120 test photos: chance +/- 0.035 (1 sd); 0.15 above chance is > 4 sd
@@ -147,8 +154,10 @@ def test_quick_demo_runs_every_stage_and_reports(quick_demo):
     report = (out / "report.md").read_text()
     lines = report.splitlines()
     cd_start = next(i for i, x in enumerate(lines) if x.startswith("## Custom Diffusion against"))
-    for method, part in [*((m, lines[:cd_start]) for m in method_rows(QUICK)),
-                         *((m, lines[cd_start:]) for m in cd_rows(QUICK))]:  # fmt: skip
+    for method, part in [
+        *((m, lines[:cd_start]) for m in method_rows(QUICK)),
+        *((m, lines[cd_start:]) for m in cd_rows(QUICK)),
+    ]:
         row = next(line for line in part if line.startswith(f"| {_label(method, QUICK)}"))
         assert re.search(r"\| \d\.\d{3} ± \d\.\d{3} \|", row), row  # a number in every row
     assert report.count("**holds**") + report.count("**does not hold**") == 4
@@ -171,8 +180,11 @@ def test_quick_demo_runs_every_stage_and_reports(quick_demo):
         args = build_parser().parse_args(shlex.split(command.split(" --shard-index")[0])[1:])
         ran = _eval_kwargs(out, QUICK, 0, ordered, track)
         assert args.out == ran["out"] and args.guidance == ran["guidance"] == GUIDANCE
-        assert (args.steps, args.ft_steps, args.seed) == (ran["steps"], ran["ft_steps"],
-                                                          ran["seed"])  # fmt: skip
+        assert (args.steps, args.ft_steps, args.seed) == (
+            ran["steps"],
+            ran["ft_steps"],
+            ran["seed"],
+        )
         assert args.ft_lr == pytest.approx(ran["ft_lr"])
         assert args.paste_back and args.no_edit and args.methods.split(",") == ran["methods"]
         assert args.persons.split(",") == ran["persons"]
@@ -203,8 +215,11 @@ def test_quick_demo_resumes_and_refuses_foreign_folders(quick_demo, tmp_path):
     proc = subprocess.run(cmd + ["--seed", "1"], capture_output=True, text=True)
     assert proc.returncode != 0 and "other settings" in proc.stderr
     (tmp_path / "mine.txt").write_text("keep me")
-    proc = subprocess.run([sys.executable, "-m", "pva.cli", "demo", "--quick", "--out",
-                           str(tmp_path)], capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "pva.cli", "demo", "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0 and "not a demo folder" in proc.stderr
     assert (tmp_path / "mine.txt").read_text() == "keep me"
 
@@ -225,12 +240,14 @@ def test_stand_in_vae_with_a_single_thread_head_is_reproducible():
 
     torch.set_num_threads = record
     try:
-        a = train_vae(images, steps=4, batch_size=2, crop=8, seed=0, progress=False,
-                      single_thread_steps=2)  # fmt: skip
+        a = train_vae(
+            images, steps=4, batch_size=2, crop=8, seed=0, progress=False, single_thread_steps=2
+        )
     finally:
         torch.set_num_threads = real_set
-    b = train_vae(images, steps=4, batch_size=2, crop=8, seed=0, progress=False,
-                  single_thread_steps=2)  # fmt: skip
+    b = train_vae(
+        images, steps=4, batch_size=2, crop=8, seed=0, progress=False, single_thread_steps=2
+    )
     assert seen[:2] == [1, threads] and torch.get_num_threads() == threads  # 1, then restored
     sa, sb = a.state_dict(), b.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -246,10 +263,13 @@ def _four_photos():
     box = [16, 16, 48, 48]
     return PhotoSet(
         images=torch.rand(4, 3, 64, 64, generator=g) * 2 - 1,
-        faces=torch.zeros(4, 3, 112, 112), landmarks=np.zeros((4, 68, 2), np.float32),
+        faces=torch.zeros(4, 3, 112, 112),
+        landmarks=np.zeros((4, 68, 2), np.float32),
         boxes=[dict.fromkeys(("lowerface", "eyebrow", "wholeface"), box)] * 4,
-        captions=["smiling"] * 4, labels=torch.tensor([0, 0, 1, 1]), persons=["a", "b"],
-    )  # fmt: skip
+        captions=["smiling"] * 4,
+        labels=torch.tensor([0, 0, 1, 1]),
+        persons=["a", "b"],
+    )
 
 
 def test_stand_in_unet_min_snr_weighting():
@@ -262,8 +282,9 @@ def test_stand_in_unet_min_snr_weighting():
     vae = build_tiny_backbone(0).vae
 
     def unet_after(gamma: float) -> dict:
-        bb = train_backbone(vae, photos, steps=2, batch_size=4, min_snr_gamma=gamma, seed=0,
-                            progress=False)  # fmt: skip
+        bb = train_backbone(
+            vae, photos, steps=2, batch_size=4, min_snr_gamma=gamma, seed=0, progress=False
+        )
         return bb.unet.state_dict()
 
     plain, huge, weighted = unet_after(0.0), unet_after(1e12), unet_after(5.0)
@@ -348,7 +369,9 @@ def test_stand_in_text_encoder_trains_at_its_own_rate_or_stays_frozen():
     init, fz, tr = (m.text_encoder.state_dict() for m in (fresh, frozen, trained))
     assert all(torch.equal(init[k], fz[k]) for k in init)  # text_lr=0: exactly the init
     assert any(not torch.equal(init[k], tr[k]) for k in init)  # default: trained with the UNet
-    assert any(not torch.equal(frozen.unet.state_dict()[k], v)  # the UNet trains either way
-               for k, v in fresh.unet.state_dict().items())  # fmt: skip
+    assert any(
+        not torch.equal(frozen.unet.state_dict()[k], v)  # the UNet trains either way
+        for k, v in fresh.unet.state_dict().items()
+    )
     with pytest.raises(ValueError, match="text_lr"):
         train_backbone(fresh.vae, photos, steps=1, text_lr=-1.0, progress=False)

@@ -47,8 +47,12 @@ def _embed_all(scorer, files):
 
 
 def test_dlib_recognizer_separates_real_people():
-    people = ["deepface/id01_img1", "deepface/id02_img3", "deepface/id03_img8",
-              "photomaker/yangmi_woman"]  # fmt: skip
+    people = [
+        "deepface/id01_img1",
+        "deepface/id02_img3",
+        "deepface/id03_img8",
+        "photomaker/yangmi_woman",
+    ]
     files = {p: sorted((FACES / p).iterdir())[:3] for p in people}
     emb = {p: _embed_all(DlibRecognizer(), f) for p, f in files.items()}
     same, diff = [], []
@@ -67,9 +71,15 @@ def test_dlib_recognizer_separates_real_people():
 def test_insightface_onnx_and_iresnet_backends(tmp_path):
     model = build_tiny_face_model()
     axes = {"input": {0: "n"}, "embedding": {0: "n"}}
-    torch.onnx.export(model, torch.randn(1, 3, 112, 112), tmp_path / "rec.onnx",
-                      input_names=["input"], output_names=["embedding"], dynamic_axes=axes,
-                      dynamo=False)  # fmt: skip
+    torch.onnx.export(
+        model,
+        torch.randn(1, 3, 112, 112),
+        tmp_path / "rec.onnx",
+        input_names=["input"],
+        output_names=["embedding"],
+        dynamic_axes=axes,
+        dynamo=False,
+    )
     img = load_rgb(sorted((FACES / "photomaker/yangmi_woman").iterdir())[0])
     lm, _ = detect_landmarks(img)
     onnx = build_recognizer(str(tmp_path))
@@ -107,8 +117,10 @@ def test_masked_metrics():
     assert torch.all(outside_mask_error(y, x, mask) == 0)
     assert torch.all(masked_psnr(x, x, mask) > 90) and torch.all(masked_psnr(y, x, mask) < 20)
     assert torch.all(masked_error(x, x, mask) == 0)
-    assert torch.allclose(masked_error(y, x, mask), (x.abs() * mask).flatten(1).sum(1) /
-                          (mask.expand_as(x).flatten(1).sum(1)))  # |-x - x| / 2 = |x|  # fmt: skip
+    assert torch.allclose(
+        masked_error(y, x, mask),
+        (x.abs() * mask).flatten(1).sum(1) / (mask.expand_as(x).flatten(1).sum(1)),
+    )  # |-x - x| / 2 = |x|
 
 
 @pytest.fixture(scope="module")
@@ -119,10 +131,17 @@ def eval_setup(tiny_assets, tmp_path_factory):
         folder.mkdir(parents=True)
         for photo in sorted((FACES / src).iterdir())[:4]:
             _shrink(photo, folder / photo.name, 400)
-    build_shards(root / "people", root / "shards", image_size=64, val_fraction=0,
-                 test_fraction=1.0, progress=False)  # fmt: skip
-    model = PVAModel.from_paths(tiny_assets.backbone, tiny_assets.face_model,
-                                tiny_pva_config(face_crop="none"))  # fmt: skip
+    build_shards(
+        root / "people",
+        root / "shards",
+        image_size=64,
+        val_fraction=0,
+        test_fraction=1.0,
+        progress=False,
+    )
+    model = PVAModel.from_paths(
+        tiny_assets.backbone, tiny_assets.face_model, tiny_pva_config(face_crop="none")
+    )
     adapter = save_adapter(model, root / "adapter.safetensors")
     return {"root": root, "shards": root / "shards", "adapter": adapter}
 
@@ -133,8 +152,14 @@ def _mtimes(folder: Path) -> dict:
 
 def test_tiny_evaluation_is_complete_resumable_and_shardable(eval_setup, tmp_path):
     feature = lambda x: x.mean(dim=(2, 3))  # noqa: E731 - an injected 3-d "feature extractor"
-    kw = dict(methods=("sd-inpaint", "pva"), adapter=str(eval_setup["adapter"]), steps=2,
-              num_refs=2, feature_fn=feature, batch_size=8)  # fmt: skip
+    kw = dict(
+        methods=("sd-inpaint", "pva"),
+        adapter=str(eval_setup["adapter"]),
+        steps=2,
+        num_refs=2,
+        feature_fn=feature,
+        batch_size=8,
+    )
     out = tmp_path / "ev"
     for shard in (0, 1):  # two "processes", then a full pass that must compute nothing new
         part = evaluate(str(eval_setup["shards"]), str(out), shard_index=shard, num_shards=2, **kw)
@@ -167,12 +192,20 @@ def test_tiny_evaluation_is_complete_resumable_and_shardable(eval_setup, tmp_pat
 def test_persons_selects_and_orders_persons_and_names_unknown_ones(eval_setup, tmp_path):
     from datamodules.shards import ShardDataModule
 
-    ids = [r.meta["person"] for r in ShardDataModule(str(eval_setup["shards"]),
-                                                     num_workers=0).records("test")]  # fmt: skip
-    kw = dict(methods=("sd-inpaint",), steps=1, num_refs=2, edit=False,
-              adapter=str(eval_setup["adapter"]))  # fmt: skip
-    evaluate(str(eval_setup["shards"]), str(tmp_path / "one"), persons=[ids[2], ids[0]],
-             max_persons=1, **kw)  # fmt: skip
+    ids = [
+        r.meta["person"]
+        for r in ShardDataModule(str(eval_setup["shards"]), num_workers=0).records("test")
+    ]
+    kw = dict(
+        methods=("sd-inpaint",), steps=1, num_refs=2, edit=False, adapter=str(eval_setup["adapter"])
+    )
+    evaluate(
+        str(eval_setup["shards"]),
+        str(tmp_path / "one"),
+        persons=[ids[2], ids[0]],
+        max_persons=1,
+        **kw,
+    )
     assert {p.name for p in (tmp_path / "one" / "_gt").iterdir()} == {ids[2]}
     with pytest.raises(ValueError, match="--persons: nobody not in the test split"):
         evaluate(str(eval_setup["shards"]), str(tmp_path / "none"), persons=["nobody"], **kw)
@@ -181,11 +214,20 @@ def test_persons_selects_and_orders_persons_and_names_unknown_ones(eval_setup, t
 def test_personalized_methods_run_and_unknown_methods_fail(eval_setup, tmp_path):
     with pytest.raises(ValueError, match="unknown methods"):
         evaluate(str(eval_setup["shards"]), str(tmp_path), methods=("dreambooth",))
-    results = evaluate(str(eval_setup["shards"]), str(tmp_path / "ft"),
-                       methods=("pva-ft40", "custom-diffusion"),
-                       adapter=str(eval_setup["adapter"]), steps=2, ft_steps=2, cd_steps=3,
-                       cd_eval_steps=(1, 2), num_refs=2, max_persons=1, edit=False,
-                       ft_lr=1e-3)  # fmt: skip
+    results = evaluate(
+        str(eval_setup["shards"]),
+        str(tmp_path / "ft"),
+        methods=("pva-ft40", "custom-diffusion"),
+        adapter=str(eval_setup["adapter"]),
+        steps=2,
+        ft_steps=2,
+        cd_steps=3,
+        cd_eval_steps=(1, 2),
+        num_refs=2,
+        max_persons=1,
+        edit=False,
+        ft_lr=1e-3,
+    )
     for method in ("pva-ft40", "custom-diffusion"):
         secs = results["methods"][method]["seconds"]
         assert secs["adapt_s_per_person"][0] > 0 and secs["sample_s_per_image"][0] > 0
@@ -199,14 +241,24 @@ def test_personalized_methods_run_and_unknown_methods_fail(eval_setup, tmp_path)
     late = sorted((tmp_path / "ft" / "custom-diffusion").rglob("*.png"))
     assert len(early) == len(late) and any(
         not np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
-        for a, b in zip(early, late))  # the weights moved between step 1 and step 3
+        for a, b in zip(early, late)
+    )  # the weights moved between step 1 and step 3
 
 
 def test_a_people_folder_and_prior_preservation(eval_setup, tmp_path):
-    results = evaluate(str(eval_setup["root"] / "people"), str(tmp_path / "ev"),
-                       methods=("custom-diffusion",), adapter=str(eval_setup["adapter"]),
-                       steps=2, cd_steps=3, num_refs=2, max_persons=1, edit=False,
-                       prior_data=str(eval_setup["shards"]), prior_split="test")  # fmt: skip
+    results = evaluate(
+        str(eval_setup["root"] / "people"),
+        str(tmp_path / "ev"),
+        methods=("custom-diffusion",),
+        adapter=str(eval_setup["adapter"]),
+        steps=2,
+        cd_steps=3,
+        num_refs=2,
+        max_persons=1,
+        edit=False,
+        prior_data=str(eval_setup["shards"]),
+        prior_split="test",
+    )
     assert (tmp_path / "ev" / "_shards" / "index.json").is_file()  # built from the folder
     assert results["methods"]["custom-diffusion"]["wholeface"]["n"] > 0
 
@@ -224,8 +276,9 @@ def test_prior_preservation_adds_its_loss(make_model):
     prior["prompt"] = ["photo of a person"]
     runs = []
     for p in (None, lambda g: prior):
-        with personalized(model, batch["image"], refs, boxes, steps=2, variant="custom-diffusion",
-                          prior=p) as result:  # fmt: skip
+        with personalized(
+            model, batch["image"], refs, boxes, steps=2, variant="custom-diffusion", prior=p
+        ) as result:
             runs.append(result.losses)
     assert runs[0] != runs[1] and runs[1][0] > runs[0][0]
 
@@ -245,8 +298,17 @@ def test_reused_encodings_give_the_same_fine_tuning_with_fewer_encoder_runs(make
     runs = {}
     for reuse in (False, True):
         calls.update(vae=0, identity=0)
-        with personalized(model, batch["image"], batch["image"], boxes, steps=8, batch_size=1,
-                          variant=variant, lr=1e-3, reuse_encodings=reuse) as result:  # fmt: skip
+        with personalized(
+            model,
+            batch["image"],
+            batch["image"],
+            boxes,
+            steps=8,
+            batch_size=1,
+            variant=variant,
+            lr=1e-3,
+            reuse_encodings=reuse,
+        ) as result:
             runs[reuse] = (result.losses, result.state, dict(calls))
     (loss_a, state_a, calls_a), (loss_b, state_b, calls_b) = runs[False], runs[True]
     assert loss_b == loss_a  # bit for bit: same encodings, same random draws
@@ -273,8 +335,9 @@ def test_paper_identity_scorer_is_the_authors_fixed_crop(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (2, 512, 512, 3), dtype=np.uint8)
     # figure/calc_identity_similarity.py: PIL bilinear to 256, [35:223, 35:223], pool to 112
-    small = np.stack([np.asarray(Image.fromarray(i).resize((256, 256), Image.BILINEAR))
-                      for i in images])  # fmt: skip
+    small = np.stack(
+        [np.asarray(Image.fromarray(i).resize((256, 256), Image.BILINEAR)) for i in images]
+    )
     x = torch.from_numpy(small).float().permute(0, 3, 1, 2) / 127.5 - 1
     x = torch.nn.functional.adaptive_avg_pool2d(x[:, :, 35:223, 35:223], 112)
     with torch.no_grad():
@@ -316,9 +379,11 @@ def test_fid_inception_is_torch_fidelitys_network_loaded_safely(tmp_path):
     torch.save(FIDInception().state_dict(), path)
     images = torch.rand(2, 3, 64, 80) * 2 - 1
     ours = InceptionFeatures(path)(images)
-    reference = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
-                                            feature_extractor_weights_path=str(path))  # fmt: skip
+    reference = FeatureExtractorInceptionV3(
+        "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path)
+    )
     theirs = reference(((images + 1) * 127.5).round().to(torch.uint8))[0]
+
     def relative(x, y):
         return float((x - y).norm() / y.norm())
 
@@ -338,11 +403,24 @@ def test_clip_score_of_the_paper_is_the_raw_cosine(tmp_path):
     from pva.metrics import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
     name = "pva-test-tiny-clip-quickgelu"
-    config = {"embed_dim": 16, "quick_gelu": True,
-              "vision_cfg": {"image_size": 64, "layers": 1, "width": 64, "head_width": 32,
-                             "patch_size": 16},
-              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2,
-                           "layers": 1}}  # fmt: skip
+    config = {
+        "embed_dim": 16,
+        "quick_gelu": True,
+        "vision_cfg": {
+            "image_size": 64,
+            "layers": 1,
+            "width": 64,
+            "head_width": 32,
+            "patch_size": 16,
+        },
+        "text_cfg": {
+            "context_length": 77,
+            "vocab_size": 49408,
+            "width": 64,
+            "heads": 2,
+            "layers": 1,
+        },
+    }
     (tmp_path / f"{name}.json").write_text(json.dumps(config))
     open_clip.add_model_config(tmp_path / f"{name}.json")
     torch.manual_seed(0)
@@ -372,16 +450,32 @@ def test_the_paper_protocol_end_to_end(eval_setup, tmp_path):
     face = save_iresnet(build_tiny_face_model(seed=3), tmp_path / "glint360k_cosface_r100.pth")
     inception = tmp_path / "inception.pth"
     torch.save(FIDInception().state_dict(), inception)
-    kw = dict(methods=("sd-inpaint",), adapter=str(eval_setup["adapter"]), steps=1, num_refs=2,
-              max_persons=1, protocol="paper")  # fmt: skip
+    kw = dict(
+        methods=("sd-inpaint",),
+        adapter=str(eval_setup["adapter"]),
+        steps=1,
+        num_refs=2,
+        max_persons=1,
+        protocol="paper",
+    )
     with pytest.raises(ValueError, match="--recognizer"):  # dlib is not the paper's scorer
         evaluate(str(eval_setup["shards"]), str(tmp_path / "x"), **kw)
     with pytest.raises(ValueError, match="paste-back"):
-        evaluate(str(eval_setup["shards"]), str(tmp_path / "x"), recognizer=str(face),
-                 paste_back=True, **kw)  # fmt: skip
+        evaluate(
+            str(eval_setup["shards"]),
+            str(tmp_path / "x"),
+            recognizer=str(face),
+            paste_back=True,
+            **kw,
+        )
     out = tmp_path / "paper"
-    results = evaluate(str(eval_setup["shards"]), str(out), recognizer=str(face),
-                       inception_weights=str(inception), **kw)  # fmt: skip
+    results = evaluate(
+        str(eval_setup["shards"]),
+        str(out),
+        recognizer=str(face),
+        inception_weights=str(inception),
+        **kw,
+    )
     assert results["protocol"] == "paper" and results["kid_scale"] == 1000.0
     assert results["recognizer"] == "paper:iresnet:glint360k_cosface_r100.pth"
     entry = results["methods"]["sd-inpaint"]
@@ -406,21 +500,46 @@ def test_results_always_belong_to_the_data_given(eval_setup, tiny_assets, tmp_pa
         folders[name] = tmp_path / name
         for p in persons:
             shutil.copytree(eval_setup["root"] / "people" / p, folders[name] / p)
-    kw = dict(methods=("sd-inpaint",), adapter=str(eval_setup["adapter"]), steps=2, num_refs=2,
-              edit=False, masks=("wholeface",))  # fmt: skip
+    kw = dict(
+        methods=("sd-inpaint",),
+        adapter=str(eval_setup["adapter"]),
+        steps=2,
+        num_refs=2,
+        edit=False,
+        masks=("wholeface",),
+    )
     out = tmp_path / "ev"
     first = evaluate(str(folders["A"]), str(out), **kw)
     assert {p.name for p in (out / "_gt").iterdir()} == {"id01_img1", "id03_img8"}
     assert first["generated_this_run"] > 0
     # the user's second run, on other data into the same --out: refused, nothing touched
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
-    cli = [sys.executable, "-m", "pva.cli", "evaluate", "--data", str(folders["B"]), "--out",
-           str(out), "--methods", "sd-inpaint", "--adapter", str(eval_setup["adapter"]),
-           "--steps", "2", "--num-refs", "2", "--no-edit", "--masks", "wholeface"]  # fmt: skip
+    cli = [
+        sys.executable,
+        "-m",
+        "pva.cli",
+        "evaluate",
+        "--data",
+        str(folders["B"]),
+        "--out",
+        str(out),
+        "--methods",
+        "sd-inpaint",
+        "--adapter",
+        str(eval_setup["adapter"]),
+        "--steps",
+        "2",
+        "--num-refs",
+        "2",
+        "--no-edit",
+        "--masks",
+        "wholeface",
+    ]
     res = subprocess.run(cli, capture_output=True, text=True, cwd=REPO, timeout=300)
     last = res.stderr.strip().splitlines()[-1]
-    assert res.returncode == 2 and last.startswith(f"pva evaluate: error: --out '{out}' was made "
-                                                   f"from other inputs (data: '")  # fmt: skip
+    assert res.returncode == 2 and last.startswith(
+        f"pva evaluate: error: --out '{out}' was made from other inputs (data: '"
+    )
     assert str(folders["A"]) in last and str(folders["B"]) in last and "--overwrite" in last
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
     with pytest.raises(FileExistsError, match=r"steps: 2 before, 3 now"):
@@ -446,12 +565,27 @@ def test_a_method_and_a_metric_are_one_registry_entry_each(eval_setup, tmp_path)
     from pva.methods import METHODS, Method, register_method
 
     register_method(Method("pva-ft2", "PVA-FT for --ft-steps (a test entry)", variant="pva"))
-    register_metric(Metric("brightness", "mean brightness of the fill", "{:.3f}",
-                           lambda o, gt, m, lm, scorer: float(o[m.expand_as(o) > 0].mean())))
+    register_metric(
+        Metric(
+            "brightness",
+            "mean brightness of the fill",
+            "{:.3f}",
+            lambda o, gt, m, lm, scorer: float(o[m.expand_as(o) > 0].mean()),
+        )
+    )
     try:
-        results = evaluate(str(eval_setup["shards"]), str(tmp_path / "ev"), methods=("pva-ft2",),
-                           adapter=str(eval_setup["adapter"]), steps=2, ft_steps=2, num_refs=2,
-                           max_persons=1, edit=False, masks=("wholeface",))  # fmt: skip
+        results = evaluate(
+            str(eval_setup["shards"]),
+            str(tmp_path / "ev"),
+            methods=("pva-ft2",),
+            adapter=str(eval_setup["adapter"]),
+            steps=2,
+            ft_steps=2,
+            num_refs=2,
+            max_persons=1,
+            edit=False,
+            masks=("wholeface",),
+        )
     finally:
         del METHODS["pva-ft2"], METRICS["brightness"]
     entry = results["methods"]["pva-ft2"]["wholeface"]

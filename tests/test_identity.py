@@ -182,6 +182,5 @@ def test_iresnet_trains_on_a_channels_last_batch():
         "assert g is not None and bool(torch.isfinite(g).all()) and bool(g.abs().sum() > 0)\n"
         "print('ok')\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

@@ -10,15 +10,36 @@ from pathlib import Path
 from conftest import REPO
 
 CORE = {
-    "pva.attention", "pva.identity", "pva.token", "pva.backbone", "pva.model", "pva.objective",
-    "pva.sampling", "pva.adapter", "pva.personalize", "pva.prompts", "pva.faces", "pva.checks",
-    "pva.fileio", "pva.recognizers", "pva.metrics", "pva.tiny",
-}  # fmt: skip
+    "pva.attention",
+    "pva.identity",
+    "pva.token",
+    "pva.backbone",
+    "pva.model",
+    "pva.objective",
+    "pva.sampling",
+    "pva.adapter",
+    "pva.personalize",
+    "pva.prompts",
+    "pva.faces",
+    "pva.checks",
+    "pva.fileio",
+    "pva.recognizers",
+    "pva.metrics",
+    "pva.tiny",
+}
 """The method and what it stands on: no Lightning, no data streams, no commands."""
 LIGHTNING = {"pva.module"}
 """Besides ``datamodules`` and ``callbacks``."""
-APPLICATIONS = {"pva", "pva.cli", "pva.apps", "pva.pipeline", "pva.evaluate", "pva.methods",
-                "pva.quickstart", "train"}  # fmt: skip
+APPLICATIONS = {
+    "pva",
+    "pva.cli",
+    "pva.apps",
+    "pva.pipeline",
+    "pva.evaluate",
+    "pva.methods",
+    "pva.quickstart",
+    "train",
+}
 """Besides ``pva.demo`` and ``pva.bench``; ``pva`` itself re-exports, lazily."""
 NAMES = ("core", "data format", "Lightning layer", "application")
 
@@ -57,8 +78,12 @@ def project_imports(path: Path) -> set[str]:
         elif isinstance(node, ast.Import):
             out.update(a.name for a in node.names)
     known = modules()
-    return {m for m in out if m.split(".")[0] in ("pva", "datamodules", "callbacks") and
-            (m in known or m.rsplit(".", 1)[0] in known)}  # fmt: skip
+    return {
+        m
+        for m in out
+        if m.split(".")[0] in ("pva", "datamodules", "callbacks")
+        and (m in known or m.rsplit(".", 1)[0] in known)
+    }
 
 
 def test_every_import_points_down_or_sideways():
@@ -68,8 +93,9 @@ def test_every_import_points_down_or_sideways():
         for target in sorted(project_imports(path)):
             target = target if target in known else target.rsplit(".", 1)[0]
             if layer(target) > layer(name):
-                wrong.append(f"{name} ({NAMES[layer(name)]}) imports {target} "
-                             f"({NAMES[layer(target)]})")  # fmt: skip
+                wrong.append(
+                    f"{name} ({NAMES[layer(name)]}) imports {target} ({NAMES[layer(target)]})"
+                )
     assert not wrong, "\n".join(wrong)
 
 
@@ -81,9 +107,11 @@ def test_the_test_catches_a_wrong_arrow(tmp_path):
 
 
 def test_importing_the_core_loads_no_higher_layer():
-    code = ("import sys, pva.model, pva.sampling, pva.personalize, pva.data.reader; "
-            "print(sorted(m for m in sys.modules if m.startswith(('datamodules', 'callbacks', "
-            "'lightning', 'pva.pipeline', 'pva.module', 'pva.evaluate'))))")  # fmt: skip
+    code = (
+        "import sys, pva.model, pva.sampling, pva.personalize, pva.data.reader; "
+        "print(sorted(m for m in sys.modules if m.startswith(('datamodules', 'callbacks', "
+        "'lightning', 'pva.pipeline', 'pva.module', 'pva.evaluate'))))"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip() == "[]"

@@ -13,3 +13,13 @@ def test_ruff_check_is_clean():
         [sys.executable, "-m", "ruff", "check", str(REPO)], capture_output=True, text=True, cwd=REPO
     )
     assert res.returncode == 0, res.stdout[-3000:]
+
+
+def test_ruff_format_is_clean():
+    res = subprocess.run(
+        [sys.executable, "-m", "ruff", "format", "--check", str(REPO)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert res.returncode == 0, res.stdout[-3000:]

@@ -14,8 +14,13 @@ from pva.tiny import tiny_pva_config
 
 
 def _module(tiny_assets, **kw) -> PVAModule:
-    module = PVAModule(str(tiny_assets.backbone), str(tiny_assets.face_model),
-                       pva=tiny_pva_config(), timestep_draws=2, **kw)  # fmt: skip
+    module = PVAModule(
+        str(tiny_assets.backbone),
+        str(tiny_assets.face_model),
+        pva=tiny_pva_config(),
+        timestep_draws=2,
+        **kw,
+    )
     torch.manual_seed(0)  # the same fresh adapter weights for every variant
     module.configure_model()
     module.model.eval()  # no dropout: the runs must be comparable
@@ -27,8 +32,9 @@ def _loss_and_grads(module: PVAModule) -> tuple[float, dict[str, torch.Tensor]]:
     batch = make_batch(batch_size=2, num_refs=2)
     loss = model.training_loss(batch, 2, generator=torch.Generator().manual_seed(0))
     loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()
-                         if p.grad is not None}  # fmt: skip
+    return loss.item(), {
+        n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+    }
 
 
 @pytest.fixture(scope="module")
@@ -38,15 +44,19 @@ def plain(tiny_assets):
 
 def _worst_relative(grads: dict, reference: dict) -> float:
     assert grads.keys() == reference.keys() and len(grads) > 10
-    return max(float((grads[k] - reference[k]).abs().max() / reference[k].abs().max())
-               for k in reference)  # fmt: skip
+    return max(
+        float((grads[k] - reference[k]).abs().max() / reference[k].abs().max()) for k in reference
+    )
 
 
-@pytest.mark.parametrize("option", [
-    {"gradient_checkpointing": True},
-    {"channels_last": True},
-    {"compile_unet": True, "compile_backend": "aot_eager"},  # inductor: BENCHMARKS / GPU script
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"gradient_checkpointing": True},
+        {"channels_last": True},
+        {"compile_unet": True, "compile_backend": "aot_eager"},  # inductor: BENCHMARKS / GPU script
+    ],
+)
 def test_options_give_the_plain_gradients(tiny_assets, plain, option):
     module = _module(tiny_assets, **option)
     if "gradient_checkpointing" in option:
@@ -83,8 +93,15 @@ def test_frozen_weights_in_bf16_trainable_weights_and_optimizer_state_in_fp32(ti
     # inference (the validation callbacks, the pipeline) runs on the same held weights
     batch = make_batch(batch_size=1, num_refs=2)
     with torch.no_grad():
-        out = ddim_inpaint(model, batch["image"], batch["mask"], batch["references"],
-                           batch["prompt"], num_steps=2, guidance_scale=3.0)  # fmt: skip
+        out = ddim_inpaint(
+            model,
+            batch["image"],
+            batch["mask"],
+            batch["references"],
+            batch["prompt"],
+            num_steps=2,
+            guidance_scale=3.0,
+        )
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     with pytest.raises(ValueError, match="model.frozen_dtype"):
         PVAModule("b", "f", frozen_dtype="int8")

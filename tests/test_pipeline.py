@@ -39,8 +39,9 @@ def _perturb(model, seed=0):
 @pytest.fixture(scope="module")
 def setup(tiny_assets, tmp_path_factory):
     root = tmp_path_factory.mktemp("pipe")
-    model = PVAModel.from_paths(tiny_assets.backbone, tiny_assets.face_model,
-                                tiny_pva_config(face_crop="none"))  # fmt: skip
+    model = PVAModel.from_paths(
+        tiny_assets.backbone, tiny_assets.face_model, tiny_pva_config(face_crop="none")
+    )
     _perturb(model)
     adapter = save_adapter(model, root / "adapter.safetensors")
     refs = root / "refs"
@@ -52,8 +53,9 @@ def setup(tiny_assets, tmp_path_factory):
 
 @pytest.fixture
 def pipe(setup):
-    return PVAInpaintPipeline.from_pretrained(read_adapter(setup["adapter"])[1]["paths"]["backbone"]
-                                              ).load_pva(setup["adapter"])  # fmt: skip
+    return PVAInpaintPipeline.from_pretrained(
+        read_adapter(setup["adapter"])[1]["paths"]["backbone"]
+    ).load_pva(setup["adapter"])
 
 
 def _two_call_cfg(model, images, masks, refs, prompts, scale, steps, eta, mode, seed):
@@ -67,8 +69,9 @@ def _two_call_cfg(model, images, masks, refs, prompts, scale, steps, eta, mode, 
     sched.set_timesteps(steps)
     lat = torch.randn(masked_lat.shape, generator=g) * sched.init_noise_sigma
     for t in sched.timesteps:
-        e_u = model.predict_noise(lat, t, mask_lat, masked_lat, uncond,
-                                  ident if mode == "edit" else None)  # fmt: skip
+        e_u = model.predict_noise(
+            lat, t, mask_lat, masked_lat, uncond, ident if mode == "edit" else None
+        )
         e_c = model.predict_noise(lat, t, mask_lat, masked_lat, text, ident)
         lat = sched.step(e_u + scale * (e_c - e_u), t, lat, eta=eta, generator=g).prev_sample
     return model.decode_latents(lat)
@@ -81,11 +84,20 @@ def test_batched_cfg_equals_two_call_cfg(make_model, mode):
     batch = make_batch(batch_size=2, num_refs=2)
     prompts = ["photo of a <new1> person", "photo of a <new1> person, smiling"]
     with torch.no_grad():
-        batched = ddim_inpaint(model, batch["image"], batch["mask"], batch["references"], prompts,
-                               guidance_scale=6.0, num_steps=4, mode=mode,
-                               generator=torch.Generator().manual_seed(3))  # fmt: skip
-        two_call = _two_call_cfg(model, batch["image"], batch["mask"], batch["references"],
-                                 prompts, 6.0, 4, 1.0, mode, 3)  # fmt: skip
+        batched = ddim_inpaint(
+            model,
+            batch["image"],
+            batch["mask"],
+            batch["references"],
+            prompts,
+            guidance_scale=6.0,
+            num_steps=4,
+            mode=mode,
+            generator=torch.Generator().manual_seed(3),
+        )
+        two_call = _two_call_cfg(
+            model, batch["image"], batch["mask"], batch["references"], prompts, 6.0, 4, 1.0, mode, 3
+        )
     torch.testing.assert_close(batched, two_call, atol=1e-4, rtol=0)
 
 
@@ -100,8 +112,12 @@ def test_identity_tokens_once_paste_back_and_determinism(pipe, setup):
     mask = np.zeros(inp.shape[:2], np.uint8)
     mask[y0:y1, x0:x1] = 255
     refs = sorted(setup["refs"].iterdir())
-    kw = dict(mask_image=Image.fromarray(mask), reference_images=refs, num_inference_steps=3,
-              num_images_per_prompt=2)  # fmt: skip
+    kw = dict(
+        mask_image=Image.fromarray(mask),
+        reference_images=refs,
+        num_inference_steps=3,
+        num_images_per_prompt=2,
+    )
     out = pipe(TARGET, generator=torch.Generator().manual_seed(0), **kw).images
     assert len(calls) == 1  # one encoder pass for 2 images x 3 steps x 2 CFG branches
     again = pipe(TARGET, generator=torch.Generator().manual_seed(0), **kw).images
@@ -109,8 +125,9 @@ def test_identity_tokens_once_paste_back_and_determinism(pipe, setup):
     changed = (np.asarray(out[0]) != inp).any(-1)
     assert changed.sum() > 0.5 * (mask > 0).sum()
     assert not (changed & (mask == 0)).any()  # outside the mask: exactly the input
-    no_paste = pipe(TARGET, generator=torch.Generator().manual_seed(0), paste_back=False,
-                    **kw).images[0]  # fmt: skip
+    no_paste = pipe(
+        TARGET, generator=torch.Generator().manual_seed(0), paste_back=False, **kw
+    ).images[0]
     assert ((np.asarray(no_paste) != inp).any(-1) & (mask == 0)).any()  # the whole face square
 
 
@@ -125,8 +142,9 @@ def test_awkward_photos_just_work(pipe, setup, tmp_path):
         rgba.save(tmp_path / "rgba.png")
     refs = sorted(setup["refs"].iterdir())[:2]
     for name in ("cmyk.jpg", "gray.png", "rgba.png"):
-        out = pipe(tmp_path / name, mask_region="eyebrow", reference_images=refs,
-                   num_inference_steps=2).images[0]  # fmt: skip
+        out = pipe(
+            tmp_path / name, mask_region="eyebrow", reference_images=refs, num_inference_steps=2
+        ).images[0]
         assert out.size == Image.open(tmp_path / name).size
 
 
@@ -141,8 +159,9 @@ def test_personalization_changes_only_its_parameters_and_persons_start_identical
         for f in sorted((FACES / src).iterdir())[:3]:
             (both / name / f.name).symlink_to(f)
     written = personalize_cli(str(setup["adapter"]), str(both), str(tmp_path / "out"), steps=6)
-    alone = personalize_cli(str(setup["adapter"]), str(both / "b"), str(tmp_path / "b.safetensors"),
-                            steps=6)[0]  # fmt: skip
+    alone = personalize_cli(
+        str(setup["adapter"]), str(both / "b"), str(tmp_path / "b.safetensors"), steps=6
+    )[0]
     b_in_run, _ = read_adapter(written[1])
     b_alone, _ = read_adapter(alone)
     assert b_in_run.keys() == b_alone.keys()
@@ -150,13 +169,19 @@ def test_personalization_changes_only_its_parameters_and_persons_start_identical
     base, _ = read_adapter(setup["adapter"])
     a, _ = read_adapter(written[0])
     changed = {k for k in base if not torch.equal(base[k], a[k])}
-    assert changed and all(".processor.to_" in k or k == "modifier_token.embedding"
-                           for k in changed)  # fmt: skip
+    assert changed and all(
+        ".processor.to_" in k or k == "modifier_token.embedding" for k in changed
+    )
     assert "modifier_token.embedding" in changed
     assert not any(k.startswith("identity_encoder") for k in changed)
 
-    cross = personalize_cli(str(setup["adapter"]), str(both / "a"), str(tmp_path / "x.safetensors"),
-                            steps=4, variant="crossqkv")[0]  # fmt: skip
+    cross = personalize_cli(
+        str(setup["adapter"]),
+        str(both / "a"),
+        str(tmp_path / "x.safetensors"),
+        steps=4,
+        variant="crossqkv",
+    )[0]
     tensors, header = read_adapter(cross)
     assert "crossqkv" in header["contents"]
     # every attn2 weight, the output projection included (the reference: lib/pva.py:365-367)
@@ -183,13 +208,31 @@ def test_save_pretrained_round_trip(pipe, tmp_path):
 # ------------------------------------------------------------------------ CLI bad inputs
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "pva.cli", *args], cwd=REPO, text=True,
-                          capture_output=True, timeout=300, env=env)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "pva.cli", *args],
+        cwd=REPO,
+        text=True,
+        capture_output=True,
+        timeout=300,
+        env=env,
+    )
 
 
 def _inpaint_args(setup, out: Path, *extra: str, image: Path = TARGET) -> list[str]:
-    return ["inpaint", "--adapter", str(setup["adapter"]), "--image", str(image), "--refs",
-            str(setup["refs"]), "--out", str(out), "--steps", "2", *extra]  # fmt: skip
+    return [
+        "inpaint",
+        "--adapter",
+        str(setup["adapter"]),
+        "--image",
+        str(image),
+        "--refs",
+        str(setup["refs"]),
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        *extra,
+    ]
 
 
 def test_cli_inpaint_writes_and_refuses_overwrite(setup, tmp_path):
@@ -211,24 +254,28 @@ def test_cli_bad_inputs_fail_clearly_and_write_nothing(setup, tmp_path):
         "missing image": (
             _inpaint_args(setup, out, "--mask-region", "eyebrow", image=tmp_path / "nope.jpg"),
             "nope.jpg",
-        ),  # fmt: skip
+        ),
         "unreadable image": (
             _inpaint_args(setup, out, "--mask-region", "eyebrow", image=text_jpg),
             "text.jpg",
-        ),  # fmt: skip
+        ),
         "missing mask": (_inpaint_args(setup, out, "--mask", str(tmp_path / "m.png")), "m.png"),
     }
-    wide = PVAModel(build_tiny_backbone(cross_attention_dim=48), build_tiny_face_model(),
-                    tiny_pva_config())  # fmt: skip
-    wide_adapter = save_adapter(wide, tmp_path / "wide.safetensors",
-                                paths=read_adapter(setup["adapter"])[1]["paths"])  # fmt: skip
+    wide = PVAModel(
+        build_tiny_backbone(cross_attention_dim=48), build_tiny_face_model(), tiny_pva_config()
+    )
+    wide_adapter = save_adapter(
+        wide, tmp_path / "wide.safetensors", paths=read_adapter(setup["adapter"])[1]["paths"]
+    )
     args = _inpaint_args(setup, out, "--mask-region", "eyebrow")
     args[args.index("--adapter") + 1] = str(wide_adapter)
     cases["adapter for another backbone"] = (args, "cross_attention_dim=48")
     h, w = load_rgb(TARGET).shape[:2]
     Image.new("L", (w, w)).save(tmp_path / "bad_aspect.png")  # square vs portrait
-    cases["mask aspect"] = (_inpaint_args(setup, out, "--mask", str(tmp_path / "bad_aspect.png")),
-                            "aspect ratio")  # fmt: skip
+    cases["mask aspect"] = (
+        _inpaint_args(setup, out, "--mask", str(tmp_path / "bad_aspect.png")),
+        "aspect ratio",
+    )
     for name, (argv, needle) in cases.items():
         res = _cli(*argv)
         assert res.returncode != 0, name
@@ -259,17 +306,25 @@ def test_mask_size_empty_mask_and_edit_prompt_warnings(pipe, setup):
     half = np.zeros((h // 2, w // 2), np.uint8)
     half[h // 4 : h // 4 + 40, w // 4 : w // 4 + 40] = 255
     with pytest.warns(UserWarning, match="resizing"):
-        out = pipe(TARGET, mask_image=Image.fromarray(half), reference_images=refs,
-                   num_inference_steps=2).images[0]  # fmt: skip
+        out = pipe(
+            TARGET, mask_image=Image.fromarray(half), reference_images=refs, num_inference_steps=2
+        ).images[0]
     assert out.size == (w, h)
     with pytest.warns(UserWarning, match="empty"):
-        same = pipe(TARGET, mask_image=Image.new("L", (w, h)), reference_images=refs,
-                    num_inference_steps=2).images[0]  # fmt: skip
+        same = pipe(
+            TARGET, mask_image=Image.new("L", (w, h)), reference_images=refs, num_inference_steps=2
+        ).images[0]
     assert np.array_equal(np.asarray(same), load_rgb(TARGET))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        pipe(TARGET, mask_region="eyebrow", reference_images=refs, prompt="a person, smiling",
-             mode="edit", num_inference_steps=2)  # fmt: skip
+        pipe(
+            TARGET,
+            mask_region="eyebrow",
+            reference_images=refs,
+            prompt="a person, smiling",
+            mode="edit",
+            num_inference_steps=2,
+        )
     assert any("<new1>" in str(c.message) for c in caught)
 
 
@@ -308,8 +363,12 @@ def test_a_mask_past_the_face_square_is_inpainted_not_blacked(pipe, setup, tmp_p
     for mask in (np.full((h, w), 255, np.uint8), half):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            out = pipe(photo, mask_image=Image.fromarray(mask), reference_images=refs,
-                       num_inference_steps=2).images[0]  # fmt: skip
+            out = pipe(
+                photo,
+                mask_image=Image.fromarray(mask),
+                reference_images=refs,
+                num_inference_steps=2,
+            ).images[0]
         out = np.asarray(out)
         inside = mask > 0
         assert np.array_equal(out[~inside], rgb[~inside])  # paste-back: outside exactly kept
@@ -344,8 +403,9 @@ def test_cli_full_mask_and_the_messages_name_the_file(setup, tmp_path):
     res = _cli(*args)
     assert res.returncode == 0, res.stderr[-3000:]
     warning = [line for line in res.stderr.splitlines() if "wall.png" in line]
-    assert warning == [f"pva inpaint: warning: no face detected in reference {refs / 'wall.png'}; "
-                       f"skipping it"]  # fmt: skip
+    assert warning == [
+        f"pva inpaint: warning: no face detected in reference {refs / 'wall.png'}; skipping it"
+    ]
 
 
 def test_the_pixel_limit_is_the_projects_not_pils(setup, tmp_path):
@@ -378,10 +438,12 @@ def test_pipeline_numbers_are_checked(pipe, setup):
     from pva.checks import RangeError
 
     refs = sorted(setup["refs"].iterdir())[:1]
-    cases = (({"num_inference_steps": 0}, "num_inference_steps must be an integer"),
-             ({"guidance_scale": float("nan")}, "guidance_scale must be a finite"),
-             ({"eta": 2.0}, "eta must be a finite number in [0, 1]"),
-             ({"num_images_per_prompt": 0}, "num_images_per_prompt must be"))  # fmt: skip
+    cases = (
+        ({"num_inference_steps": 0}, "num_inference_steps must be an integer"),
+        ({"guidance_scale": float("nan")}, "guidance_scale must be a finite"),
+        ({"eta": 2.0}, "eta must be a finite number in [0, 1]"),
+        ({"num_images_per_prompt": 0}, "num_images_per_prompt must be"),
+    )
     for kw, needle in cases:
         with pytest.raises(RangeError, match=re.escape(needle)):
             pipe(TARGET, mask_region="eyebrow", reference_images=refs, **kw)

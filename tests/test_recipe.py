@@ -59,10 +59,15 @@ def test_region_boxes_are_the_authors_lowerface_is_jaw_points_1_to_15():
     for _ in range(40):
         lm = rng.uniform(-50, 1074, (68, 2))  # boxes that clip at the edges too
         authors = {  # create_bbox's point sets; lowerface = lm[1:16] (lib/dataset.py:97)
-            "leye": lm[36:42], "reye": lm[43:48], "eye": lm[36:48],
-            "eyebrow": np.concatenate([lm[17:27], lm[36:48]]), "lowerface": lm[1:16],
-            "wholeface": lm, "mouth": lm[48:68], "nose": lm[27:36],
-        }  # fmt: skip
+            "leye": lm[36:42],
+            "reye": lm[43:48],
+            "eye": lm[36:48],
+            "eyebrow": np.concatenate([lm[17:27], lm[36:48]]),
+            "lowerface": lm[1:16],
+            "wholeface": lm,
+            "mouth": lm[48:68],
+            "nose": lm[27:36],
+        }
         for region, points in authors.items():
             row0, col0, row1, col1 = authors_bbox(points, 1024)
             assert region_box(lm, region, (1024, 1024)) == (col0, row0, col1, row1), region
@@ -71,11 +76,22 @@ def test_region_boxes_are_the_authors_lowerface_is_jaw_points_1_to_15():
 def test_the_editing_prompts_are_the_authors():
     # lib/dataset.py PROMPT_TEMPLATES_CONTROL, in order
     assert EDIT_SUFFIXES == (
-        "laughing", "serious", "smiling", "looking sad", "angry", "surprised", "has beard",
-        "with heavy makeup", "wearing lipstick", "making a funny face", "putting the tongue out",
-        "singing with a microphone", "smoking, has a cigarette", "wearing eyeglasses",
+        "laughing",
+        "serious",
+        "smiling",
+        "looking sad",
+        "angry",
+        "surprised",
+        "has beard",
+        "with heavy makeup",
+        "wearing lipstick",
+        "making a funny face",
+        "putting the tongue out",
+        "singing with a microphone",
+        "smoking, has a cigarette",
+        "wearing eyeglasses",
         "wearing sunglasses",
-    )  # fmt: skip
+    )
 
 
 def test_fine_tuned_parameters_per_variant(make_model):
@@ -84,8 +100,13 @@ def test_fine_tuned_parameters_per_variant(make_model):
     named = dict(model.named_parameters())
 
     def of(*parts: str) -> set[str]:
-        return {k for k in named for layer in layers for part in parts
-                if k.startswith(f"{layer}.{part}.")}  # fmt: skip
+        return {
+            k
+            for k in named
+            for layer in layers
+            for part in parts
+            if k.startswith(f"{layer}.{part}.")
+        }
 
     visual = of("processor")
     assert visual and of("to_out.0")  # the output projection has weight and bias

@@ -13,8 +13,9 @@ from conftest import REPO
 
 
 def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +30,15 @@ def test_every_stage_runs_the_real_entry_points(rehearsal):
     out, stdout = rehearsal
     state = json.loads((out / "rehearsal.json").read_text())
     stages = state["stages"]
-    assert list(stages) == ["models", "data", "train", "personalize", "inpaint", "bench",
-                            "evaluate"]  # fmt: skip
+    assert list(stages) == [
+        "models",
+        "data",
+        "train",
+        "personalize",
+        "inpaint",
+        "bench",
+        "evaluate",
+    ]
     commands = [r["command"] for s in stages.values() for r in s["runs"]]
     assert any("train.py fit --config" in c and "configs/stage1.yaml" in c for c in commands)
     for cli in ("shards build", "personalize", "inpaint", "evaluate"):
@@ -38,8 +46,9 @@ def test_every_stage_runs_the_real_entry_points(rehearsal):
     runs = stages["train"]["runs"]
     assert [r["killed"] for r in runs] == [True, False] and "--ckpt_path" in runs[1]["command"]
     assert 2 <= stages["train"]["resumed_from_step"] < stages["train"]["final_step"] == 4
-    assert all(r["peak_rss_gb"] > 0 and r["seconds"] > 0 for s in stages.values()
-               for r in s["runs"])  # fmt: skip
+    assert all(
+        r["peak_rss_gb"] > 0 and r["seconds"] > 0 for s in stages.values() for r in s["runs"]
+    )
     # the authors' annotation layout went through `pva shards build`
     index = json.loads((out / "shards" / "index.json").read_text())
     assert index["source"]["landmarks"] and index["source"]["region_bbox"]
@@ -59,8 +68,12 @@ def test_the_overlay_changes_only_what_a_cpu_needs(rehearsal):
     out, _ = rehearsal
     overlay = yaml.safe_load((out / "rehearsal.yaml").read_text())
     assert set(overlay["model"]) == {"backbone", "face_model", "timestep_draws"}
-    assert set(overlay["data"]["init_args"]) == {"shards", "batch_size", "num_workers",
-                                                 "samples_per_epoch"}  # fmt: skip
+    assert set(overlay["data"]["init_args"]) == {
+        "shards",
+        "batch_size",
+        "num_workers",
+        "samples_per_epoch",
+    }
     assert "precision" not in overlay["trainer"]  # bf16-mixed as configs/stage1.yaml says
     stage1 = yaml.safe_load((REPO / "configs" / "stage1.yaml").read_text())
     names = [c["class_path"] for c in overlay["trainer"]["callbacks"]]
@@ -77,8 +90,17 @@ def test_a_rerun_resumes_and_other_settings_are_refused(rehearsal):
 
 def test_memory_bench_on_the_rehearsal_models(rehearsal):
     out, _ = rehearsal
-    res = _run("pva.cli", "bench", "memory", "--models", str(out / "models"), "--image-size",
-               "64", "--options", "fp32,bf16-frozen+checkpointing")  # fmt: skip
+    res = _run(
+        "pva.cli",
+        "bench",
+        "memory",
+        "--models",
+        str(out / "models"),
+        "--image-size",
+        "64",
+        "--options",
+        "fp32,bf16-frozen+checkpointing",
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     rows = [line.split() for line in res.stdout.splitlines() if line.startswith(("fp32", "bf16"))]
     assert [r[0] for r in rows] == ["fp32", "bf16-frozen+checkpointing"]
@@ -88,8 +110,16 @@ def test_memory_bench_on_the_rehearsal_models(rehearsal):
 
 
 def test_gpu_script_smoke_run_on_cpu(tmp_path):
-    res = _run("pva.bench.gpu", "--tiny", "--device", "cpu", "--repeats", "1", "--out",
-               str(tmp_path / "gpu.json"))  # fmt: skip
+    res = _run(
+        "pva.bench.gpu",
+        "--tiny",
+        "--device",
+        "cpu",
+        "--repeats",
+        "1",
+        "--out",
+        str(tmp_path / "gpu.json"),
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     figures = json.loads((tmp_path / "gpu.json").read_text())
     assert len(figures["train"]) == 5 and figures["flops_per_step"] > 0

@@ -30,14 +30,20 @@ from pva.tiny import tiny_pva_config
 def train_shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("train_shards")
     people = root / "people"
-    for src in ("deepface/id01_img1", "deepface/id02_img3", "deepface/id03_img8",
-                "deepface/id05_img16", "photomaker/yangmi_woman"):  # fmt: skip
+    for src in (
+        "deepface/id01_img1",
+        "deepface/id02_img3",
+        "deepface/id03_img8",
+        "deepface/id05_img16",
+        "photomaker/yangmi_woman",
+    ):
         folder = people / Path(src).name
         folder.mkdir(parents=True)
         for photo in sorted((FACES / src).iterdir())[:5]:
             _shrink(photo, folder / photo.name, 400)
-    build_shards(people, root / "shards", image_size=128, val_fraction=0.2, test_fraction=0.2,
-                 progress=False)  # fmt: skip
+    build_shards(
+        people, root / "shards", image_size=128, val_fraction=0.2, test_fraction=0.2, progress=False
+    )
     return root / "shards"
 
 
@@ -47,16 +53,18 @@ def _config(tmp: Path, tiny_assets, shards: Path, **trainer) -> Path:
     cfg["model"]["backbone"] = str(tiny_assets.backbone)
     cfg["model"]["face_model"] = str(tiny_assets.face_model)
     cfg["data"]["init_args"].update(shards=str(shards), samples_per_epoch=400, batch_size=2)
-    cfg["trainer"].update({"default_root_dir": str(tmp / "run"), "max_steps": 4,
-                           "log_every_n_steps": 1, **trainer})  # fmt: skip
+    cfg["trainer"].update(
+        {"default_root_dir": str(tmp / "run"), "max_steps": 4, "log_every_n_steps": 1, **trainer}
+    )
     for cb in cfg["trainer"]["callbacks"]:
         args = cb.setdefault("init_args", {})
         name = cb["class_path"].rsplit(".", 1)[-1]
         if name == "ModelCheckpoint":
             args.update(dirpath=str(tmp / "ckpt"), every_n_train_steps=2)
         elif name == "IdentityValidation":
-            args.update(every_n_steps=2, num_persons=1, ddim_steps=2, max_samples=2,
-                        run_at_end=False)  # fmt: skip
+            args.update(
+                every_n_steps=2, num_persons=1, ddim_steps=2, max_samples=2, run_at_end=False
+            )
         elif name == "PersonalizationCheck":
             args.update(every_n_steps=4, steps=2, ddim_steps=2)
         elif name == "AdapterExport":
@@ -98,10 +106,19 @@ def test_fit_tiny_config_logs_identity_and_writes_adapter_only_checkpoints(
     events = EventAccumulator(str(run))
     events.Reload()
     scalars = set(events.Tags()["scalars"])
-    for tag in ("train/loss", "train/grad_norm", "train/samples_per_s", "lr-AdamW/pva",
-                "lr_effective/pva", "val/identity_sim", "val/identity_sim/wholeface",
-                "personalize/identity_sim_before", "personalize/identity_sim_after",
-                "personalize/seconds", "data/skipped_records"):  # fmt: skip
+    for tag in (
+        "train/loss",
+        "train/grad_norm",
+        "train/samples_per_s",
+        "lr-AdamW/pva",
+        "lr_effective/pva",
+        "val/identity_sim",
+        "val/identity_sim/wholeface",
+        "personalize/identity_sim_before",
+        "personalize/identity_sim_after",
+        "personalize/seconds",
+        "data/skipped_records",
+    ):
         assert tag in scalars, tag
     assert "val/inpainting" in events.Tags()["images"]
     sims = [e.value for e in events.Scalars("val/identity_sim")]
@@ -110,8 +127,10 @@ def test_fit_tiny_config_logs_identity_and_writes_adapter_only_checkpoints(
     ckpts = sorted((tmp_path / "ckpt").glob("*.ckpt"))
     assert {c.name for c in ckpts} >= {"last.ckpt", "epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt"}
     state = torch.load(ckpts[0], map_location="cpu", weights_only=True)["state_dict"]
-    assert state and all(k.startswith(("model.unet.", "model.identity_encoder.projection.",
-                                       "model.modifier_token.")) for k in state)  # fmt: skip
+    assert state and all(
+        k.startswith(("model.unet.", "model.identity_encoder.projection.", "model.modifier_token."))
+        for k in state
+    )
     assert all(".processor." in k for k in state if k.startswith("model.unet."))
     assert not list((tmp_path / "ckpt").glob(".*tmp*"))
     assert (tmp_path / "run" / "adapter.safetensors").is_file()
@@ -123,8 +142,9 @@ def test_ddp_two_ranks_train_on_different_data_and_stay_identical(
 ):
     cfg = _config(tmp_path, tiny_assets, train_shards, strategy="ddp", devices=2, max_steps=3)
     raw = yaml.safe_load(cfg.read_text())
-    raw["trainer"]["callbacks"] = [{"class_path": "helpers.dump.DumpRankState",
-                                    "init_args": {"out": str(tmp_path / "dump")}}]  # fmt: skip
+    raw["trainer"]["callbacks"] = [
+        {"class_path": "helpers.dump.DumpRankState", "init_args": {"out": str(tmp_path / "dump")}}
+    ]
     raw["trainer"]["enable_checkpointing"] = False
     cfg.write_text(yaml.safe_dump(raw))
     res = _train("--config", str(cfg), env={"PYTHONPATH": str(REPO / "tests")})
@@ -146,14 +166,20 @@ def test_sigkill_then_resume_from_last_checkpoint(tiny_assets, train_shards, tmp
     cfg = _config(tmp_path, tiny_assets, train_shards, max_steps=10_000)
     raw = yaml.safe_load(cfg.read_text())
     raw["trainer"]["callbacks"] = [
-        cb for cb in raw["trainer"]["callbacks"]
+        cb
+        for cb in raw["trainer"]["callbacks"]
         if cb["class_path"].endswith(("ModelCheckpoint", "AdapterExport"))
-    ]  # fmt: skip
+    ]
     cfg.write_text(yaml.safe_dump(raw))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "train.py", "fit", "--config", str(cfg)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", "fit", "--config", str(cfg)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
     last = tmp_path / "ckpt" / "last.ckpt"
     deadline = time.time() + 300
     try:
@@ -173,8 +199,9 @@ def test_sigkill_then_resume_from_last_checkpoint(tiny_assets, train_shards, tmp
     saved = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
 
     raw["trainer"]["max_steps"] = step + 2
-    raw["trainer"]["callbacks"].append({"class_path": "helpers.dump.DumpRankState",
-                                        "init_args": {"out": str(tmp_path / "dump")}})  # fmt: skip
+    raw["trainer"]["callbacks"].append(
+        {"class_path": "helpers.dump.DumpRankState", "init_args": {"out": str(tmp_path / "dump")}}
+    )
     cfg.write_text(yaml.safe_dump(raw))
     res = _train(
         "--config", str(cfg), "--ckpt_path", str(last), env={"PYTHONPATH": str(REPO / "tests")}
@@ -197,17 +224,26 @@ def test_personalization_check_restores_weights_optimizer_and_rng(
         timestep_draws=1,
     )
     dm = ShardDataModule(str(train_shards), batch_size=2, samples_per_epoch=8, num_workers=0)
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=tmp_path)  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, datamodule=dm)
     weights = {k: v.clone() for k, v in module.model.state_dict().items()}
     optim = copy.deepcopy(trainer.optimizers[0].state_dict())
     rng = torch.get_rng_state()
     check = PersonalizationCheck(every_n_steps=1, steps=3, ddim_steps=2)
     metrics = check.run(trainer, module)
-    assert set(metrics) == {"personalize/identity_sim_before", "personalize/identity_sim_after",
-                            "personalize/seconds"}  # fmt: skip
+    assert set(metrics) == {
+        "personalize/identity_sim_before",
+        "personalize/identity_sim_after",
+        "personalize/seconds",
+    }
     assert metrics["personalize/identity_sim_before"] != metrics["personalize/identity_sim_after"]
     after = module.model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in weights.items())
@@ -226,20 +262,35 @@ def test_nonfinite_loss_stops_with_the_step_or_is_skipped(tiny_assets, train_sha
     module = PVAModule(str(tiny_assets.backbone), str(tiny_assets.face_model), **kw)
     module.configure_model()
     module.model.training_loss = nan_loss.__get__(module.model)
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=tmp_path)  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     with pytest.raises(FloatingPointError, match="at step 0"):
         trainer.fit(module, datamodule=dm)
 
-    skipper = PVAModule(str(tiny_assets.backbone), str(tiny_assets.face_model),
-                        nonfinite="skip", **kw)  # fmt: skip
+    skipper = PVAModule(
+        str(tiny_assets.backbone), str(tiny_assets.face_model), nonfinite="skip", **kw
+    )
     skipper.configure_model()
     before = {k: v.clone() for k, v in skipper.model.adapter_state_dict().items()}
     skipper.model.training_loss = nan_loss.__get__(skipper.model)
-    trainer = L.Trainer(max_steps=2, limit_train_batches=3, max_epochs=1, accelerator="cpu",
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=2,
+        limit_train_batches=3,
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(skipper, datamodule=dm)
     assert skipper.nonfinite_skipped == 2  # every batch of the run (skipped steps still count)
     after = skipper.model.adapter_state_dict()
@@ -247,21 +298,38 @@ def test_nonfinite_loss_stops_with_the_step_or_is_skipped(tiny_assets, train_sha
 
 
 def test_help_documents_every_option():
-    res = subprocess.run([sys.executable, "train.py", "fit", "--help"], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "train.py", "fit", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0
     text = " ".join(res.stdout.split())  # argparse wraps lines
-    for needle in ("--model.lr_pva", "total batch", "--model.pva.variant", "joint softmax",
-                   "--model.nonfinite", "--trainer.max_steps"):  # fmt: skip
+    for needle in (
+        "--model.lr_pva",
+        "total batch",
+        "--model.pva.variant",
+        "joint softmax",
+        "--model.nonfinite",
+        "--trainer.max_steps",
+    ):
         assert needle in text, needle
 
 
 def test_cache_encodings_matches_the_encoders_and_skips_them_once_cached(tiny_assets, train_shards):
-    dm = ShardDataModule(str(train_shards), batch_size=3, samples_per_epoch=36, num_workers=0,
-                         flip_ref_prob=1.0)  # fmt: skip
+    dm = ShardDataModule(
+        str(train_shards), batch_size=3, samples_per_epoch=36, num_workers=0, flip_ref_prob=1.0
+    )
     batches = list(dm.train_dataloader())  # 12 batches: photos and flips recur
-    module = PVAModule(str(tiny_assets.backbone), str(tiny_assets.face_model),
-                       pva=tiny_pva_config(), timestep_draws=2, cache_encodings=True)  # fmt: skip
+    module = PVAModule(
+        str(tiny_assets.backbone),
+        str(tiny_assets.face_model),
+        pva=tiny_pva_config(),
+        timestep_draws=2,
+        cache_encodings=True,
+    )
     module.configure_model()
     model = module.model.train()
     calls = {"vae": 0, "face": 0}
@@ -274,8 +342,9 @@ def test_cache_encodings_matches_the_encoders_and_skips_them_once_cached(tiny_as
             emb = model.identity_encoder.embed(batch["references"])  # (B, K, E)
         valid = batch["reference_mask"]
         torch.testing.assert_close(cached["latent_moments"], moments, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(cached["reference_embeddings"][valid], emb[valid],
-                                   rtol=1e-4, atol=1e-5)  # fmt: skip
+        torch.testing.assert_close(
+            cached["reference_embeddings"][valid], emb[valid], rtol=1e-4, atol=1e-5
+        )
         torch.manual_seed(1)
         expected = model.training_loss(batch, 2)
         torch.manual_seed(1)
@@ -306,8 +375,9 @@ def test_a_split_with_nothing_readable_stops_train_py_in_one_line(
     assert res.returncode == 2, res.stderr[-3000:]
     last = res.stderr.strip().splitlines()[-1]
     what = "no training sample" if split == "train" else "no person record"
-    assert last.startswith(f"train.py: error: {what} could be read from any of the 2 shards of "
-                           f"the {split} split: ")  # fmt: skip
+    assert last.startswith(
+        f"train.py: error: {what} could be read from any of the 2 shards of the {split} split: "
+    )
     assert all(name in last for name in names) and "Traceback" not in res.stderr
 
 
@@ -338,13 +408,22 @@ def test_every_skipped_record_is_logged_even_off_the_logging_steps(
     index["splits"]["train"]["shards"] = ["train-mixed.tar"]
     (shards / "index.json").write_text(json.dumps(index))
     L.seed_everything(0)
-    dm = ShardDataModule(str(shards), batch_size=2, max_refs=2, samples_per_epoch=40,
-                         num_workers=1)  # fmt: skip
-    module = PVAModule(str(tiny_assets.backbone), str(tiny_assets.face_model),
-                       pva=tiny_pva_config(face_crop="none"), timestep_draws=1)  # fmt: skip
-    trainer = L.Trainer(max_steps=3, log_every_n_steps=50, accelerator="cpu",
-                        logger=CSVLogger(tmp_path, name="log"), enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    dm = ShardDataModule(str(shards), batch_size=2, max_refs=2, samples_per_epoch=40, num_workers=1)
+    module = PVAModule(
+        str(tiny_assets.backbone),
+        str(tiny_assets.face_model),
+        pva=tiny_pva_config(face_crop="none"),
+        timestep_draws=1,
+    )
+    trainer = L.Trainer(
+        max_steps=3,
+        log_every_n_steps=50,
+        accelerator="cpu",
+        logger=CSVLogger(tmp_path, name="log"),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, dm)
     rows = list(csv.DictReader(open(next((tmp_path / "log").rglob("metrics.csv")))))
     logged = [float(r["data/skipped_records"]) for r in rows if r.get("data/skipped_records")]
@@ -357,8 +436,12 @@ def test_the_model_token_reaches_the_data_prompts(tiny_assets, train_shards, tmp
     from train import PVACLI
 
     cfg = _config(tmp_path, tiny_assets, train_shards)
-    cli = PVACLI(PVAModule, subclass_mode_data=True, run=False,
-                 args=["--config", str(cfg), "--model.pva.modifier_token", "<zz>"])  # fmt: skip
+    cli = PVACLI(
+        PVAModule,
+        subclass_mode_data=True,
+        run=False,
+        args=["--config", str(cfg), "--model.pva.modifier_token", "<zz>"],
+    )
     assert cli.model.pva_config.modifier_token == "<zz>"
     assert cli.datamodule.hparams.modifier_token == "<zz>"  # linked: set in one place
     batch = next(iter(cli.datamodule.train_dataloader()))

@@ -89,16 +89,29 @@ def bench_data(
         for f in folders:
             (people / f"{f.parent.name}-{f.name}").symlink_to(f.resolve())
         t0 = time.time()
-        index = build_shards(people, Path(tmp) / "shards", image_size=image_size,
-                             workers=workers_build, val_fraction=0, test_fraction=0,
-                             min_images=refs + 1, progress=False)  # fmt: skip
+        index = build_shards(
+            people,
+            Path(tmp) / "shards",
+            image_size=image_size,
+            workers=workers_build,
+            val_fraction=0,
+            test_fraction=0,
+            min_images=refs + 1,
+            progress=False,
+        )
         build_s = time.time() - t0
         shard_dir = Path(tmp) / "shards"
         ours_bytes = sum(p.stat().st_size for p in shard_dir.glob("*.tar"))
         ours_images = index["splits"]["train"]["images"]
         urls = [str(shard_dir / n) for n in read_index(shard_dir)["splits"]["train"]["shards"]]
-        stream = PersonStream(urls, train=True, batch_size=1, max_refs=refs, min_refs=refs,
-                              batches_per_epoch=samples + 5)  # fmt: skip
+        stream = PersonStream(
+            urls,
+            train=True,
+            batch_size=1,
+            max_refs=refs,
+            min_refs=refs,
+            batches_per_epoch=samples + 5,
+        )
         it = iter(stream)
         for _ in range(5):  # warm-up
             next(it)

@@ -80,8 +80,9 @@ def attribute_embedding(attributes: dict[str, str], dim: int, value: float = 2.0
 
     width = sum(len(c) for c in ATTRIBUTES.values())
     if dim < width:
-        raise ValueError(f"an attribute embedding needs {width} values; the face embedding "
-                         f"has {dim}")  # fmt: skip
+        raise ValueError(
+            f"an attribute embedding needs {width} values; the face embedding has {dim}"
+        )
     out, offset = torch.zeros(dim), 0
     for name, choices in ATTRIBUTES.items():
         out[offset + choices.index(attributes[name])] = value
@@ -123,24 +124,39 @@ def train_oracle_adapter(run: Path, steps: int, oracle: dict[str, torch.Tensor])
     cfg = yaml.safe_load((run / "stage1.yaml").read_text())
     model_cfg = dict(cfg["model"])
     if not model_cfg.get("cache_encodings"):
-        raise ValueError(f"{run / 'stage1.yaml'}: the oracle replaces cached face embeddings, "
-                         f"so model.cache_encodings must be true")  # fmt: skip
+        raise ValueError(
+            f"{run / 'stage1.yaml'}: the oracle replaces cached face embeddings, "
+            f"so model.cache_encodings must be true"
+        )
     L.seed_everything(int(cfg.get("seed_everything") or 0), verbose=False)
     data_cfg = dict(cfg["data"]["init_args"])
     pva = PVAConfig(**model_cfg.pop("pva", {}))
     module = _oracle_module_class()(pva=pva, batch_size=data_cfg["batch_size"], **model_cfg)
     module.oracle = oracle
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False,
-                        enable_checkpointing=False, enable_model_summary=False)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, datamodule=ShardDataModule(**data_cfg))
     assert module.model is not None
     return module.model.eval()
 
 
 @torch.no_grad()
-def headroom(run: str | Path, eval_dir: str | Path | None = None, draws: int = 2,
-             seed: int = 0, oracle_steps: int = 0, guidance: float = 1.0,
-             ddim_steps: int = 25, num_refs: int = 5) -> dict:  # fmt: skip
+def headroom(
+    run: str | Path,
+    eval_dir: str | Path | None = None,
+    draws: int = 2,
+    seed: int = 0,
+    oracle_steps: int = 0,
+    guidance: float = 1.0,
+    ddim_steps: int = 25,
+    num_refs: int = 5,
+) -> dict:
     """Score a demo evaluation's fills next to the generator's reference fills (module doc).
 
     Args:
@@ -167,12 +183,16 @@ def headroom(run: str | Path, eval_dir: str | Path | None = None, draws: int = 2
     from pva.recognizers import IResNetRecognizer
 
     if draws < 1 or oracle_steps < 0:
-        raise ValueError(f"draws must be >= 1 and oracle_steps >= 0, got {draws} and "
-                         f"{oracle_steps}")  # fmt: skip
+        raise ValueError(
+            f"draws must be >= 1 and oracle_steps >= 0, got {draws} and {oracle_steps}"
+        )
     run = Path(run)
     ann_dir = run / "data" / "annotation"
-    needed = [ann_dir / "attributes.json", run / "models" / "backbone",
-              run / "models" / "face_score.pth"]  # fmt: skip
+    needed = [
+        ann_dir / "attributes.json",
+        run / "models" / "backbone",
+        run / "models" / "face_score.pth",
+    ]
     if oracle_steps:
         needed += [run / "stage1.yaml", run / "adapter.safetensors", run / "shards"]
     for path in needed:
@@ -181,14 +201,16 @@ def headroom(run: str | Path, eval_dir: str | Path | None = None, draws: int = 2
     if eval_dir is None:
         found = sorted((run / "eval").glob("seed*"))
         if not found:
-            raise FileNotFoundError(f"no {run / 'eval'}/seed* folder: run the demo's evaluate "
-                                    f"stage or pass --eval")  # fmt: skip
+            raise FileNotFoundError(
+                f"no {run / 'eval'}/seed* folder: run the demo's evaluate stage or pass --eval"
+            )
         eval_dir = found[0]
     eval_dir = Path(eval_dir)
     metas = sorted((eval_dir / "_gt").glob("*/*.json"))
     if not metas:
-        raise FileNotFoundError(f"{eval_dir / '_gt'} holds no targets: pass a `pva evaluate` "
-                                f"output folder")  # fmt: skip
+        raise FileNotFoundError(
+            f"{eval_dir / '_gt'} holds no targets: pass a `pva evaluate` output folder"
+        )
     truth = json.loads((ann_dir / "attributes.json").read_text())
     idi = next(iter(sorted(ann_dir.glob("idi-*.json"))))
     id2image = json.loads(idi.read_text())["id2image"]
@@ -200,8 +222,7 @@ def headroom(run: str | Path, eval_dir: str | Path | None = None, draws: int = 2
 
     vae = load_backbone(run / "models" / "backbone").vae
     scorer = IResNetRecognizer(run / "models" / "face_score.pth")
-    methods = sorted(p.name for p in eval_dir.iterdir()
-                     if p.is_dir() and p.name not in NOT_METHODS)  # fmt: skip
+    methods = sorted(p.name for p in eval_dir.iterdir() if p.is_dir() and p.name not in NOT_METHODS)
     sims: dict[str, dict[str, list[float]]] = {f: {} for f in (*methods, *FILLS)}
     samplers: dict[str, PVAModel] = {}
     tokens: dict[tuple[str, str], torch.Tensor | None] = {}  # (row, person) -> (1, n_id, D)
@@ -250,16 +271,18 @@ def headroom(run: str | Path, eval_dir: str | Path | None = None, draws: int = 2
                 photo = render(swapped, truth["seed"], index, photo_index, source)
                 wrong.append(_shard_view(photo.image, size))
             recon = vae.decode(vae.encode(gt).latent_dist.mean).sample.clamp(-1, 1)[0]
-            views[(pid, photo_stem)] = {"vae": [recon], "rerender": [view],
-                                        "wrong hidden": wrong}  # fmt: skip
+            views[(pid, photo_stem)] = {"vae": [recon], "rerender": [view], "wrong hidden": wrong}
         fills = dict(views[(pid, photo_stem)])
         for method in methods:
             produced = eval_dir / method / pid / f"{stem}.png"
             if produced.exists():
                 fills[method] = [_load_png(produced)]
         for name, model in samplers.items():  # the same noise for both rows, per sample
-            fills[name] = [_fill(model, gt, mask, tokens[(name, pid)], guidance, ddim_steps,
-                                 seed * 1_000_003 + k)]  # fmt: skip
+            fills[name] = [
+                _fill(
+                    model, gt, mask, tokens[(name, pid)], guidance, ddim_steps, seed * 1_000_003 + k
+                )
+            ]
         landmarks = np.array(meta["landmarks"], dtype=np.float32)[None]  # (1, 68, 2)
         for name, images in fills.items():
             pasted = torch.stack([gt[0] * (1 - mask[0]) + im * mask[0] for im in images])
@@ -270,7 +293,7 @@ def headroom(run: str | Path, eval_dir: str | Path | None = None, draws: int = 2
             name: {m: float(np.mean(v)) for m, v in per.items()}
             for name, per in sims.items()
             if per
-        },  # fmt: skip
+        },
         "n": {m: len(v) for m, v in sims["vae"].items()},
         "rerender_error": float(np.mean(errors)),
     }
@@ -310,19 +333,32 @@ def _fill(
     from pva.sampling import ddim_inpaint
 
     prompt = UNCOND_PROMPT if tokens is None else TEMPLATE.format(model.modifier_token.token)
-    return ddim_inpaint(model, image, mask, None, [prompt], negative_prompt=UNCOND_PROMPT,
-                        guidance_scale=guidance, num_steps=steps, eta=1.0,
-                        generator=torch.Generator().manual_seed(seed), paste_back=True,
-                        identity_tokens=tokens)[0]  # fmt: skip
+    return ddim_inpaint(
+        model,
+        image,
+        mask,
+        None,
+        [prompt],
+        negative_prompt=UNCOND_PROMPT,
+        guidance_scale=guidance,
+        num_steps=steps,
+        eta=1.0,
+        generator=torch.Generator().manual_seed(seed),
+        paste_back=True,
+        identity_tokens=tokens,
+    )[0]
 
 
-def bench_headroom(run: str, eval_dir: str | None = None, draws: int = 2,
-                   oracle_steps: int = 0) -> dict:  # fmt: skip
+def bench_headroom(
+    run: str, eval_dir: str | None = None, draws: int = 2, oracle_steps: int = 0
+) -> dict:
     """Print :func:`headroom`'s table; return its figures."""
     res = headroom(run, eval_dir, draws=draws, oracle_steps=oracle_steps)
     masks = sorted(res["n"])
-    print(f"identity to the ground truth, each fill pasted into the hole ({res['n']} targets; "
-          f"re-rendered targets' pixel error {res['rerender_error']:.4f})\n")  # fmt: skip
+    print(
+        f"identity to the ground truth, each fill pasted into the hole ({res['n']} targets; "
+        f"re-rendered targets' pixel error {res['rerender_error']:.4f})\n"
+    )
     print("| fill | mean | " + " | ".join(masks) + " |")
     print("|---|---|" + "---|" * len(masks))
     for name, per in res["identity"].items():

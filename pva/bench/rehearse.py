@@ -382,8 +382,10 @@ def train(out: Path, size: RehearsalSize) -> dict:
 
     # the first run SIGKILLs itself as step kill_after + 1 begins (callbacks.SimulatedCrash):
     # the step-kill_after checkpoints are on disk, at any step speed
-    crash = ["--trainer.callbacks+=callbacks.SimulatedCrash",
-             f"--trainer.callbacks.at_step={size.kill_after}"]  # fmt: skip
+    crash = [
+        "--trainer.callbacks+=callbacks.SimulatedCrash",
+        f"--trainer.callbacks.at_step={size.kill_after}",
+    ]
     first = run_stage_command([*base, *crash], out / "logs" / "train-1.log", expect_sigkill=True)
     if not first["killed"]:
         raise RuntimeError("the first training run ended without the simulated crash")
@@ -606,8 +608,7 @@ def write_report(out: Path, data: dict) -> Path:
             command = run["command"].replace(sys.executable, "python").replace(str(out), "OUT")
             command = command.replace(f"{REPO}/", "")
             lines.append(
-                f"| {stage} | `{command}`{note} | {run['seconds']:.0f} | "
-                f"{run['peak_rss_gb']:.1f} |"
+                f"| {stage} | `{command}`{note} | {run['seconds']:.0f} | {run['peak_rss_gb']:.1f} |"
             )
     lines.append("")
     if "train" in stages:

@@ -45,10 +45,15 @@ def bench_sample(steps: tuple[int, int] = (5, 25), cd_steps: int = 1000, guidanc
     pva = PVAModel(build_tiny_backbone(), build_tiny_face_model(), tiny_pva_config()).eval()
     plain = build_tiny_backbone()  # the same weights (same seed), stock processors
     sd = StableDiffusionInpaintPipeline(
-        vae=plain.vae, text_encoder=plain.text_encoder, tokenizer=plain.tokenizer,
-        unet=plain.unet, scheduler=plain.scheduler, safety_checker=None, feature_extractor=None,
+        vae=plain.vae,
+        text_encoder=plain.text_encoder,
+        tokenizer=plain.tokenizer,
+        unet=plain.unet,
+        scheduler=plain.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
-    )  # fmt: skip
+    )
     sd.set_progress_bar_config(disable=True)
     g = torch.Generator().manual_seed(0)
     image = torch.rand(1, 3, size, size, generator=g) * 2 - 1
@@ -59,20 +64,39 @@ def bench_sample(steps: tuple[int, int] = (5, 25), cd_steps: int = 1000, guidanc
     pil_mask = Image.fromarray((mask[0, 0] * 255).byte().numpy())
 
     def run_pva(n: int) -> float:
-        return _seconds(lambda: ddim_inpaint(pva, image, mask, refs, [TEMPLATE.format("<new1>")],
-                                             guidance_scale=guidance, num_steps=n))  # fmt: skip
+        return _seconds(
+            lambda: ddim_inpaint(
+                pva,
+                image,
+                mask,
+                refs,
+                [TEMPLATE.format("<new1>")],
+                guidance_scale=guidance,
+                num_steps=n,
+            )
+        )
 
     def run_sd(n: int) -> float:
-        return _seconds(lambda: sd(prompt="photo of a person", image=pil, mask_image=pil_mask,
-                                   height=size, width=size, num_inference_steps=n,
-                                   guidance_scale=guidance))  # fmt: skip
+        return _seconds(
+            lambda: sd(
+                prompt="photo of a person",
+                image=pil,
+                mask_image=pil_mask,
+                height=size,
+                width=size,
+                num_inference_steps=n,
+                guidance_scale=guidance,
+            )
+        )
 
     with torch.no_grad():
         run_pva(2), run_sd(2)  # warm-up
         short, long = steps
         per = {}
-        for name, fn in (("PVA, batched CFG (1 UNet call/step)", run_pva),
-                         ("diffusers StableDiffusionInpaintPipeline", run_sd)):  # fmt: skip
+        for name, fn in (
+            ("PVA, batched CFG (1 UNet call/step)", run_pva),
+            ("diffusers StableDiffusionInpaintPipeline", run_sd),
+        ):
             a, b = fn(short), fn(long)
             per[name] = (b - a) / (long - short)
     print(f"tiny backbone, {size} px, guidance {guidance}, CPU {torch.get_num_threads()} threads")
@@ -89,21 +113,33 @@ def bench_sample(steps: tuple[int, int] = (5, 25), cd_steps: int = 1000, guidanc
     for variant, n in (("pva", 40), ("custom-diffusion", cd_steps)):
         for reuse in (True, False):
             t0 = time.perf_counter()
-            with personalized(pva, images, references, boxes, steps=n, variant=variant,
-                              reuse_encodings=reuse) as result:  # fmt: skip
+            with personalized(
+                pva, images, references, boxes, steps=n, variant=variant, reuse_encodings=reuse
+            ) as result:
                 runs[variant, reuse] = time.perf_counter() - t0
             if variant == "pva" and reuse:
                 losses = result.losses
     base = runs["pva", True]
-    print(f"\n  {'personalization':<44}{'encoders':>10}{'steps':>7}{'seconds':>9}"
-          f"{'ms/step':>9}{'ratio':>8}")  # fmt: skip
-    names = {"pva": "PVA-FT (METHOD 7)",
-             "custom-diffusion": "Custom-Diffusion-style (all attn2 + token)"}
+    print(
+        f"\n  {'personalization':<44}{'encoders':>10}{'steps':>7}{'seconds':>9}"
+        f"{'ms/step':>9}{'ratio':>8}"
+    )
+    names = {
+        "pva": "PVA-FT (METHOD 7)",
+        "custom-diffusion": "Custom-Diffusion-style (all attn2 + token)",
+    }
     for (variant, reuse), sec in runs.items():
         n = 40 if variant == "pva" else cd_steps
-        print(f"  {names[variant]:<44}{'reused' if reuse else 'per step':>10}{n:7d}{sec:9.1f}"
-              f"{sec / n * 1e3:9.1f}{sec / base:8.2f}")  # fmt: skip
-    return {"ms_per_step": {k: v * 1e3 for k, v in per.items()}, "pva_ft_s": base,
-            "cd_s": runs["custom-diffusion", True], "pva_ft_losses": losses,
-            "personalization_s": {f"{v}/{'reused' if r else 'per step'}": sec
-                                  for (v, r), sec in runs.items()}}  # fmt: skip
+        print(
+            f"  {names[variant]:<44}{'reused' if reuse else 'per step':>10}{n:7d}{sec:9.1f}"
+            f"{sec / n * 1e3:9.1f}{sec / base:8.2f}"
+        )
+    return {
+        "ms_per_step": {k: v * 1e3 for k, v in per.items()},
+        "pva_ft_s": base,
+        "cd_s": runs["custom-diffusion", True],
+        "pva_ft_losses": losses,
+        "personalization_s": {
+            f"{v}/{'reused' if r else 'per step'}": sec for (v, r), sec in runs.items()
+        },
+    }

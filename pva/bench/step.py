@@ -24,7 +24,7 @@ CONFIGS = {
             "block_out_channels": (64, 128, 256),
             "cross_attention_dim": 256,
             "vae_channels": (32, 64, 64),
-        },  # fmt: skip
+        },
         "image": 128,
         "heads": 8,
     },
@@ -85,16 +85,20 @@ def bench_step(batch_size: int = 2, refs: int = 5, repeats: int = 5) -> dict:
         refs: References per image.
         repeats: Timed repetitions per row (median reported).
     """
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu, fp32; batch "
-          f"{batch_size}, {refs} references, 1 timestep draw per image")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu, fp32; batch "
+        f"{batch_size}, {refs} references, 1 timestep draw per image"
+    )
     results = {}
     for name in CONFIGS:
         times = _time_config(name, batch_size, refs, repeats)
         results[name] = times
         base = times["base UNet fwd+bwd"]
         spec = CONFIGS[name]
-        print(f"\n{name}: image {spec['image']} px, UNet widths "
-              f"{spec['backbone'].get('block_out_channels', (32, 64))}")  # fmt: skip
+        print(
+            f"\n{name}: image {spec['image']} px, UNet widths "
+            f"{spec['backbone'].get('block_out_channels', (32, 64))}"
+        )
         print(f"  {'row':<22}{'ms':>10}{'vs base':>10}")
         for row, ms in times.items():
             print(f"  {row:<22}{ms:10.1f}{ms / base:10.2f}")

@@ -31,9 +31,13 @@ REGIONS = ("eyebrow", "lowerface", "wholeface")
 
 def _token_spread(tokenizer, text_encoder, caption: str) -> dict[str, float]:
     """Spread of one caption's token features, relative to their overall std."""
-    ids = tokenizer([f"{UNCOND_PROMPT}. {caption}", UNCOND_PROMPT], padding="max_length",
-                    max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids  # (2, 77)  # fmt: skip
+    ids = tokenizer(
+        [f"{UNCOND_PROMPT}. {caption}", UNCOND_PROMPT],
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids  # (2, 77)
     n = int((ids[0] != ids[1]).nonzero().max()) + 1  # tokens up to the caption's end
     feats = text_encoder(ids)[0][:, :n].float()  # (2, n, D)
     scale = float(feats[0].std())
@@ -44,9 +48,15 @@ def _token_spread(tokenizer, text_encoder, caption: str) -> dict[str, float]:
 
 
 @torch.no_grad()
-def text_use(run: str | Path, backbone: str | Path | None = None, persons: int = 16,
-             photos_per_person: int = 3, guidance: tuple[float, ...] = (1.0, 4.0),
-             steps: int = 25, seed: int = 0) -> dict:  # fmt: skip
+def text_use(
+    run: str | Path,
+    backbone: str | Path | None = None,
+    persons: int = 16,
+    photos_per_person: int = 3,
+    guidance: tuple[float, ...] = (1.0, 4.0),
+    steps: int = 25,
+    seed: int = 0,
+) -> dict:
     """Measure how much a demo backbone's inpainting follows its text (see the module doc).
 
     Args:
@@ -70,12 +80,17 @@ def text_use(run: str | Path, backbone: str | Path | None = None, persons: int =
     from pva.tiny import tiny_pva_config
 
     if persons < 1 or photos_per_person < 1:
-        raise ValueError(f"persons and photos_per_person must be >= 1, got {persons} and "
-                         f"{photos_per_person}")  # fmt: skip
+        raise ValueError(
+            f"persons and photos_per_person must be >= 1, got {persons} and {photos_per_person}"
+        )
     run = Path(run)
     backbone = Path(backbone) if backbone is not None else run / "models" / "backbone"
-    for path in (backbone, run / "models" / "face_cond.pth", run / "models" / "face_score.pth",
-                 run / "shards"):  # fmt: skip
+    for path in (
+        backbone,
+        run / "models" / "face_cond.pth",
+        run / "models" / "face_score.pth",
+        run / "shards",
+    ):
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: pass a finished `pva demo --out` folder")
     config = tiny_pva_config(face_crop="none", attention_impl="reference")
@@ -87,8 +102,13 @@ def text_use(run: str | Path, backbone: str | Path | None = None, persons: int =
         idx += (val.labels == label).nonzero().flatten().tolist()[:photos_per_person]
     size = val.images.shape[-1]
     images = val.images[idx].repeat_interleave(len(REGIONS), 0)  # (N, 3, S, S)
-    masks = torch.stack([torch.from_numpy(box_mask(size, val.boxes[i][r]))[None].float()
-                         for i in idx for r in REGIONS])  # (N, 1, S, S)  # fmt: skip
+    masks = torch.stack(
+        [
+            torch.from_numpy(box_mask(size, val.boxes[i][r]))[None].float()
+            for i in idx
+            for r in REGIONS
+        ]
+    )  # (N, 1, S, S)
     landmarks = np.repeat(val.landmarks[idx], len(REGIONS), 0)  # (N, 68, 2)
     captions = [f"{UNCOND_PROMPT}. {val.captions[i]}" for i in idx for _ in REGIONS]
     fresh = build_tiny_backbone(0).text_encoder  # the stage-0 text encoder before training
@@ -101,12 +121,22 @@ def text_use(run: str | Path, backbone: str | Path | None = None, persons: int =
     for g in guidance:
         row = {}
         for name, prompts in (("plain", [UNCOND_PROMPT] * len(images)), ("caption", captions)):
-            filled = torch.cat([
-                ddim_inpaint(model, images[s : s + 48], masks[s : s + 48], None,
-                             prompts[s : s + 48], guidance_scale=g, num_steps=steps,
-                             generator=torch.Generator().manual_seed(seed), paste_back=True)
-                for s in range(0, len(images), 48)
-            ])  # (N, 3, S, S)  # fmt: skip
+            filled = torch.cat(
+                [
+                    ddim_inpaint(
+                        model,
+                        images[s : s + 48],
+                        masks[s : s + 48],
+                        None,
+                        prompts[s : s + 48],
+                        guidance_scale=g,
+                        num_steps=steps,
+                        generator=torch.Generator().manual_seed(seed),
+                        paste_back=True,
+                    )
+                    for s in range(0, len(images), 48)
+                ]
+            )  # (N, 3, S, S)
             sims = scorer.similarity(filled, images, landmarks).view(-1, len(REGIONS))
             err = (filled - images).abs().mean(1, keepdim=True).mul(masks).sum() / masks.sum() / 2
             row[name] = {
@@ -118,8 +148,12 @@ def text_use(run: str | Path, backbone: str | Path | None = None, persons: int =
     return out
 
 
-def bench_text_use(run: str, backbone: str | None = None, persons: int = 16,
-                   guidance: tuple[float, ...] = (1.0, 4.0)) -> dict:  # fmt: skip
+def bench_text_use(
+    run: str,
+    backbone: str | None = None,
+    persons: int = 16,
+    guidance: tuple[float, ...] = (1.0, 4.0),
+) -> dict:
     """Print :func:`text_use`'s figures as tables; return them."""
     res = text_use(run, backbone, persons=persons, guidance=guidance)
     s, s0 = res["spread"], res["spread_init"]
@@ -134,6 +168,7 @@ def bench_text_use(run: str, backbone: str | None = None, persons: int = 16,
     for g, row in res["guidance"].items():
         for name, r in row.items():
             cells = " | ".join(f"{r['identity'][k]:.3f}" for k in REGIONS)
-            print(f"| {g:g} | {name} | {r['identity_mean']:.3f} | {cells} | "
-                  f"{r['masked_error']:.4f} |")  # fmt: skip
+            print(
+                f"| {g:g} | {name} | {r['identity_mean']:.3f} | {cells} | {r['masked_error']:.4f} |"
+            )
     return res

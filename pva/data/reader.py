@@ -243,8 +243,9 @@ class PersonStream(IterableDataset):
             lines.append(f"'{url}': {told}")
         more = f"; and {len(urls) - 5} more shards" if len(urls) > 5 else ""
         split = f"the {self.split} split" if self.split else "the split"
-        return ShardReadError(f"{what} from any of the {len(urls)} shards of {split}: "
-                              + "; ".join(lines) + more)  # fmt: skip
+        return ShardReadError(
+            f"{what} from any of the {len(urls)} shards of {split}: " + "; ".join(lines) + more
+        )
 
     # -------------------------------------------------------------------- samples
     def reference(self, person: Person, i: int) -> Tensor:
@@ -253,8 +254,9 @@ class PersonStream(IterableDataset):
             return self._decoded.get(f"{person.key}/face/{i}", person.face[i])  # (3, 112, 112)
         return self._decoded.get(f"{person.key}/img/{i}/256", person.img[i], 256)  # (3, 256, 256)
 
-    def _sample(self, person: Person, t: int, refs: list[int], rng: random.Random,
-                mask_kind: str | None) -> dict:  # fmt: skip
+    def _sample(
+        self, person: Person, t: int, refs: list[int], rng: random.Random, mask_kind: str | None
+    ) -> dict:
         """One target with its mask, candidate references, prompt."""
         entry = person.meta["images"][t]
         size = int(person.meta["image_size"])
@@ -398,8 +400,10 @@ class PersonStream(IterableDataset):
         for b, refs in enumerate(ref_lists):
             for j, r in enumerate(refs):
                 references[b, j], reference_mask[b, j] = r, True
-        batch = {key: torch.stack([s[key] for s in samples])
-                 for key in ("image", "mask", "masked_image", "landmarks")}  # fmt: skip
+        batch = {
+            key: torch.stack([s[key] for s in samples])
+            for key in ("image", "mask", "masked_image", "landmarks")
+        }
         batch.update(
             references=references,
             reference_mask=reference_mask,

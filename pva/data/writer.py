@@ -251,8 +251,10 @@ def celebahq_idi_jobs(root: Path, num_refs: int = 5) -> tuple[list[PhotoJob], di
         if key not in ann:
             raise ValueError(f"'{ann_path}' has no '{key}' key; is it a CelebAHQ-IDI annotation?")
     captions: dict = {}
-    for cand in (root / "annotation" / "dialog" / "captions_hq.json",
-                 root / "annotation" / "captions_hq.json"):  # fmt: skip
+    for cand in (
+        root / "annotation" / "dialog" / "captions_hq.json",
+        root / "annotation" / "captions_hq.json",
+    ):
         if cand.is_file():
             captions = json.loads(cand.read_text())
             break
@@ -364,8 +366,13 @@ def people_jobs(
         for f in files:
             if f.suffix.lower() in IMAGE_EXTS:
                 jobs.append(PhotoJob(person=folder.name, split=split_of[i], path=f))
-    source = {"format": "people", "root": str(root), "seed": seed,
-              "val_fraction": val_fraction, "test_fraction": test_fraction}  # fmt: skip
+    source = {
+        "format": "people",
+        "root": str(root),
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
+    }
     return jobs, source
 
 
@@ -375,8 +382,14 @@ def _write_shard(path: Path, records: Iterable[PersonRecord], image_size: int) -
     with atomic_path(path) as tmp, tarfile.open(tmp, "w") as tar:
         for rec in records:
             key = f"{rec.split}_{_safe_key(rec.person)}"
-            meta = {"schema": SCHEMA_VERSION, "person": rec.person, "split": rec.split,
-                    "image_size": image_size, "face_size": 112, "images": rec.images}  # fmt: skip
+            meta = {
+                "schema": SCHEMA_VERSION,
+                "person": rec.person,
+                "split": rec.split,
+                "image_size": image_size,
+                "face_size": 112,
+                "images": rec.images,
+            }
             members = [("meta.json", json.dumps(meta).encode())]
             for i, (img, face) in enumerate(rec.blobs):
                 members += [(f"img.{i:03d}.jpg", img), (f"face.{i:03d}.jpg", face)]
@@ -437,8 +450,10 @@ def build_shards(
     check_output_folder(out, "--out", overwrite)
     check_ranges("--", locals(), BUILD_RANGES)
     if val_fraction + test_fraction > 1:
-        raise RangeError(f"--val-fraction + --test-fraction must be at most 1, got "
-                         f"{val_fraction} + {test_fraction}")  # fmt: skip
+        raise RangeError(
+            f"--val-fraction + --test-fraction must be at most 1, got "
+            f"{val_fraction} + {test_fraction}"
+        )
     fmt = detect_format(input_dir) if source_format == "auto" else source_format
     if fmt == "celebahq-idi":
         jobs, source = celebahq_idi_jobs(input_dir, num_refs)
@@ -475,8 +490,14 @@ def build_shards(
     dropped, kept = [], defaultdict(list)
     for (split, person), rec in sorted(persons.items()):
         if len(rec.images) < min_images:
-            dropped.append({"person": person, "split": split, "usable_images": len(rec.images),
-                            "reason": f"fewer than {min_images} usable images"})  # fmt: skip
+            dropped.append(
+                {
+                    "person": person,
+                    "split": split,
+                    "usable_images": len(rec.images),
+                    "reason": f"fewer than {min_images} usable images",
+                }
+            )
         else:
             kept[split].append(rec)
 
@@ -523,5 +544,3 @@ def build_shards(
         if partial.exists():
             shutil.rmtree(partial, ignore_errors=True)
     return index
-
-

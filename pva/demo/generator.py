@@ -30,16 +30,41 @@ from PIL import Image, ImageDraw, ImageFilter
 from pva.data.writer import write_region_bbox
 from pva.fileio import atomic_dir
 
-IRIS = {"brown": (105, 62, 30), "blue": (50, 110, 215), "green": (40, 160, 70),
-        "grey": (150, 150, 160), "amber": (220, 150, 20), "violet": (150, 60, 200)}  # fmt: skip
-BROW = {"black": (25, 20, 20), "brown": (100, 60, 30), "blonde": (215, 180, 100),
-        "red": (170, 60, 25)}  # fmt: skip
-LIPS = {"pale pink": (225, 150, 150), "red": (200, 30, 40), "dark red": (110, 20, 30),
-        "brown": (130, 80, 55), "purple": (120, 50, 130)}  # fmt: skip
-SKIN = {"pale": (245, 220, 200), "light": (230, 190, 160), "tan": (200, 150, 110),
-        "brown": (150, 100, 70), "dark": (95, 65, 45)}  # fmt: skip
-HAIR = {"black": (20, 18, 18), "brown": (95, 60, 35), "blonde": (225, 195, 120),
-        "auburn": (150, 60, 30), "grey": (175, 175, 175)}  # fmt: skip
+IRIS = {
+    "brown": (105, 62, 30),
+    "blue": (50, 110, 215),
+    "green": (40, 160, 70),
+    "grey": (150, 150, 160),
+    "amber": (220, 150, 20),
+    "violet": (150, 60, 200),
+}
+BROW = {
+    "black": (25, 20, 20),
+    "brown": (100, 60, 30),
+    "blonde": (215, 180, 100),
+    "red": (170, 60, 25),
+}
+LIPS = {
+    "pale pink": (225, 150, 150),
+    "red": (200, 30, 40),
+    "dark red": (110, 20, 30),
+    "brown": (130, 80, 55),
+    "purple": (120, 50, 130),
+}
+SKIN = {
+    "pale": (245, 220, 200),
+    "light": (230, 190, 160),
+    "tan": (200, 150, 110),
+    "brown": (150, 100, 70),
+    "dark": (95, 65, 45),
+}
+HAIR = {
+    "black": (20, 18, 18),
+    "brown": (95, 60, 35),
+    "blonde": (225, 195, 120),
+    "auburn": (150, 60, 30),
+    "grey": (175, 175, 175),
+}
 
 HIDDEN = {  # attribute -> (choices, region whose evaluation mask covers it)
     "iris": (tuple(IRIS), "eyebrow"),
@@ -161,8 +186,22 @@ def _canonical_shapes(p: Person, smile: float, mouth_open: float, eye_open: floa
     curve = 0.03 * smile
     ox = np.array([-1, -0.6, -0.25, 0, 0.25, 0.6, 1, 0.6, 0.25, 0, -0.25, -0.6]) * mw
     corner = -curve  # corners rise when smiling
-    oy = np.array([corner, -lip * 0.9, -lip * 1.2, -lip * 0.9, -lip * 1.2, -lip * 0.9, corner,
-                   lip + gap, lip * 1.3 + gap, lip * 1.4 + gap, lip * 1.3 + gap, lip + gap])
+    oy = np.array(
+        [
+            corner,
+            -lip * 0.9,
+            -lip * 1.2,
+            -lip * 0.9,
+            -lip * 1.2,
+            -lip * 0.9,
+            corner,
+            lip + gap,
+            lip * 1.3 + gap,
+            lip * 1.4 + gap,
+            lip * 1.3 + gap,
+            lip + gap,
+        ]
+    )
     oy = oy + np.where(np.abs(ox) < mw, curve * (1 - (ox / mw) ** 2), 0) * 0.3 + my
     ix = np.array([-0.8, -0.3, 0, 0.3, 0.8, 0.3, 0, -0.3]) * mw
     iy = np.array([corner * 0.8, -0.002, 0, -0.002, corner * 0.8, gap, gap * 1.1, gap]) + my
@@ -170,14 +209,24 @@ def _canonical_shapes(p: Person, smile: float, mouth_open: float, eye_open: floa
     s["mouth_outer"], s["mouth_inner"] = np.stack([ox, oy], 1), np.stack([ix, iy], 1)
     s["gap"] = gap
     s["mole"] = [None, (-0.15, 0.12), (0.15, 0.12), (0.04, 0.27)][p.mole]
-    s["landmarks"] = np.concatenate([jaw, brows[0], brows[1], s["nose"], eyes[0], eyes[1],
-                                     s["mouth_outer"], s["mouth_inner"]])  # fmt: skip
+    s["landmarks"] = np.concatenate(
+        [jaw, brows[0], brows[1], s["nose"], eyes[0], eyes[1], s["mouth_outer"], s["mouth_inner"]]
+    )
     # hair: a cap behind the head, plus long sides or bangs
     s["hair_cap"] = _ellipse(0, -0.06, fw * 1.18, 0.36)
-    s["hair_long"] = np.array([[-fw * 1.2, -0.1], [fw * 1.2, -0.1], [fw * 1.25, 0.38],
-                               [-fw * 1.25, 0.38]])  # fmt: skip
-    s["bangs"] = np.array([[-fw * 0.95, -0.30], [fw * 0.95, -0.30], [fw * 0.9, -0.19],
-                           [0.3 * fw, -0.215], [-0.3 * fw, -0.19], [-fw * 0.9, -0.215]])
+    s["hair_long"] = np.array(
+        [[-fw * 1.2, -0.1], [fw * 1.2, -0.1], [fw * 1.25, 0.38], [-fw * 1.25, 0.38]]
+    )
+    s["bangs"] = np.array(
+        [
+            [-fw * 0.95, -0.30],
+            [fw * 0.95, -0.30],
+            [fw * 0.9, -0.19],
+            [0.3 * fw, -0.215],
+            [-0.3 * fw, -0.19],
+            [-fw * 0.9, -0.215],
+        ]
+    )
     s["face_half_width"] = fw
     return s
 
@@ -192,8 +241,9 @@ class Photo:
     nuisance: dict
 
 
-def render(person: Person, seed: int, person_index: int, photo_index: int,
-           size: int = 128) -> Photo:  # fmt: skip
+def render(
+    person: Person, seed: int, person_index: int, photo_index: int, size: int = 128
+) -> Photo:
     """Render photo ``photo_index`` of a person, deterministically per ``seed``.
 
     Args:
@@ -241,8 +291,9 @@ def render(person: Person, seed: int, person_index: int, photo_index: int,
     hair = HAIR[ATTRIBUTES["hair"][person.hair]]
     style = ATTRIBUTES["hair_style"][person.hair_style]
     draw.polygon(tf([[-0.11, 0.25], [0.11, 0.25], [0.13, 0.5], [-0.13, 0.5]]), fill=skin)  # neck
-    draw.polygon(tf([[-0.45, 0.40], [0.45, 0.40], [0.6, 0.8], [-0.6, 0.8]]),
-                 fill=tuple(nz["shirt"]))  # fmt: skip
+    draw.polygon(
+        tf([[-0.45, 0.40], [0.45, 0.40], [0.6, 0.8], [-0.6, 0.8]]), fill=tuple(nz["shirt"])
+    )
     draw.polygon(tf(shapes["hair_cap"]), fill=hair)
     if style == "long":
         draw.polygon(tf(shapes["hair_long"]), fill=hair)
@@ -257,7 +308,7 @@ def render(person: Person, seed: int, person_index: int, photo_index: int,
         draw.polygon(tf(eye), fill=(245, 245, 240), outline=(40, 30, 30))
         c = eye[[0, 3]].mean(0)
         r = shapes["iris_r"] * unit
-        (x, y), = tf(c)
+        ((x, y),) = tf(c)
         draw.ellipse([x - r, y - r, x + r, y + r], fill=iris)
         draw.ellipse([x - r * 0.4, y - r * 0.4, x + r * 0.4, y + r * 0.4], fill=(10, 10, 10))
         draw.line(tf(eye[[0, 1, 2, 3]]), fill=(30, 20, 20), width=max(1, int(0.008 * unit)))
@@ -269,10 +320,13 @@ def render(person: Person, seed: int, person_index: int, photo_index: int,
     if shapes["gap"] > 0.004:
         draw.polygon(tf(shapes["mouth_inner"]), fill=(60, 15, 20))
     else:
-        draw.line(tf(shapes["mouth_inner"][:5]), fill=tuple(int(c * 0.6) for c in lips),
-                  width=max(1, int(0.006 * unit)))  # fmt: skip
+        draw.line(
+            tf(shapes["mouth_inner"][:5]),
+            fill=tuple(int(c * 0.6) for c in lips),
+            width=max(1, int(0.006 * unit)),
+        )
     if shapes["mole"] is not None:
-        (x, y), = tf(shapes["mole"])
+        ((x, y),) = tf(shapes["mole"])
         r = 0.028 * unit
         draw.ellipse([x - r, y - r, x + r, y + r], fill=(55, 30, 20))
     img = img.filter(ImageFilter.GaussianBlur(0.6)).resize((size, size), Image.LANCZOS)
@@ -350,8 +404,14 @@ def write_idi_tree(
     with atomic_dir(root) as tmp:
         (tmp / "image").mkdir()
         (tmp / "annotation" / "dialog").mkdir(parents=True)
-        ann: dict = {"train_ids": [], "val_ids": [], "test_ids": [], "id2image": {},
-                     "image2id": {}, "meta": {"generator": "pva.demo.generator", "seed": seed}}
+        ann: dict = {
+            "train_ids": [],
+            "val_ids": [],
+            "test_ids": [],
+            "id2image": {},
+            "image2id": {},
+            "meta": {"generator": "pva.demo.generator", "seed": seed},
+        }
         captions, landmarks, attributes = {}, {}, {}
         splits = ["test"] * counts["test"] + ["val"] * counts["val"] + ["train"] * counts["train"]
         per = refs_per_person + infer_per_person
@@ -375,8 +435,10 @@ def write_idi_tree(
                 landmarks[name] = {"image": {"face_landmarks": points}}
                 ann["image2id"][name] = pid
                 names.append(name)
-            ann["id2image"][pid] = {"infer": names[:infer_per_person],
-                                    "ref": names[infer_per_person:]}  # fmt: skip
+            ann["id2image"][pid] = {
+                "infer": names[:infer_per_person],
+                "ref": names[infer_per_person:],
+            }
             attributes[pid] = {"index": person_index, "split": splits[i], **person.names()}
         ann["meta"].update(counts)
         ann_name = f"idi-{refs_per_person}.json"
@@ -385,7 +447,11 @@ def write_idi_tree(
         (tmp / "annotation" / "landmarks.json").write_text(json.dumps(landmarks))
         flat = {name: v["image"]["face_landmarks"] for name, v in landmarks.items()}
         write_region_bbox(flat, k, size, tmp / "annotation" / "region_bbox.pth")
-        truth = {"seed": seed, "hidden": {k: v[1] for k, v in HIDDEN.items()},
-                 "choices": {k: list(v) for k, v in ATTRIBUTES.items()}, "persons": attributes}
+        truth = {
+            "seed": seed,
+            "hidden": {k: v[1] for k, v in HIDDEN.items()},
+            "choices": {k: list(v) for k, v in ATTRIBUTES.items()},
+            "persons": attributes,
+        }
         (tmp / "annotation" / "attributes.json").write_text(json.dumps(truth, indent=1))
     return ann

@@ -61,14 +61,37 @@ class DemoSize:
     cd_eval_steps: tuple[int, ...] = field(default=())
 
 
-FULL = DemoSize(persons=300, infer_per_person=2, vae_steps=1200, unet_steps=2000,
-                recognizer_steps=150, stage1_steps=1200, eval_persons=12, cd_persons=2, seeds=3,
-                ddim_steps=25, ft_steps=40, cd_steps=1000,
-                cd_eval_steps=(40, 100, 300))  # fmt: skip
+FULL = DemoSize(
+    persons=300,
+    infer_per_person=2,
+    vae_steps=1200,
+    unet_steps=2000,
+    recognizer_steps=150,
+    stage1_steps=1200,
+    eval_persons=12,
+    cd_persons=2,
+    seeds=3,
+    ddim_steps=25,
+    ft_steps=40,
+    cd_steps=1000,
+    cd_eval_steps=(40, 100, 300),
+)
 """The full run: the paper's step counts for personalization (40) and Custom Diffusion (1000)."""
-QUICK = DemoSize(persons=60, infer_per_person=1, vae_steps=60, unet_steps=60,
-                 recognizer_steps=40, stage1_steps=20, eval_persons=3, cd_persons=2, seeds=1,
-                 ddim_steps=5, ft_steps=40, cd_steps=60, cd_eval_steps=(10, 40))  # fmt: skip
+QUICK = DemoSize(
+    persons=60,
+    infer_per_person=1,
+    vae_steps=60,
+    unet_steps=60,
+    recognizer_steps=40,
+    stage1_steps=20,
+    eval_persons=3,
+    cd_persons=2,
+    seeds=1,
+    ddim_steps=5,
+    ft_steps=40,
+    cd_steps=60,
+    cd_eval_steps=(10, 40),
+)
 """``--quick``: every stage end to end in a few minutes; too short for the claims to show."""
 IMAGE_SIZE = 64
 SOURCE_SIZE = 128
@@ -108,11 +131,19 @@ def _stage_data(out: Path, size: DemoSize, seed: int) -> dict:
     from pva.data.writer import build_shards
     from pva.demo.generator import write_idi_tree
 
-    write_idi_tree(out / "data", num_persons=size.persons, infer_per_person=size.infer_per_person,
-                   size=SOURCE_SIZE, seed=seed, overwrite=True)  # fmt: skip
+    write_idi_tree(
+        out / "data",
+        num_persons=size.persons,
+        infer_per_person=size.infer_per_person,
+        size=SOURCE_SIZE,
+        seed=seed,
+        overwrite=True,
+    )
     index = build_shards(out / "data", out / "shards", image_size=IMAGE_SIZE, overwrite=True)
-    return {"persons": {k: v["persons"] for k, v in index["splits"].items()},
-            "images": {k: v["images"] for k, v in index["splits"].items()}}  # fmt: skip
+    return {
+        "persons": {k: v["persons"] for k, v in index["splits"].items()},
+        "images": {k: v["images"] for k, v in index["splits"].items()},
+    }
 
 
 def _train_recognizers(shards: str, models: str, steps: int, seed: int) -> dict:
@@ -124,22 +155,35 @@ def _train_recognizers(shards: str, models: str, steps: int, seed: int) -> dict:
     started = time.perf_counter()
     train = stage0.load_photos(shards, ("train",))
     val = stage0.load_photos(shards, ("val",))
-    cond = stage0.train_recognizer(train.faces, train.labels, steps=steps, seed=seed,
-                                   progress=False)  # fmt: skip
+    cond = stage0.train_recognizer(
+        train.faces, train.labels, steps=steps, seed=seed, progress=False
+    )
     save_iresnet(cond, Path(models) / "face_cond.pth")
     scorer = stage0.train_recognizer(
-        stage0.score_view(train), train.labels, layers=(1, 2, 2, 1), widths=(8, 16, 24, 48),
-        num_features=96, steps=steps, seed=seed + 1000, margin=0.35, progress=False,
+        stage0.score_view(train),
+        train.labels,
+        layers=(1, 2, 2, 1),
+        widths=(8, 16, 24, 48),
+        num_features=96,
+        steps=steps,
+        seed=seed + 1000,
+        margin=0.35,
+        progress=False,
     )
     save_iresnet(scorer, Path(models) / "face_score.pth")
-    print(f"stage 0: conditioning and scoring recognizers trained ({steps} steps each, "
-          f"{time.perf_counter() - started:.0f} s beside the VAE)", flush=True)
+    print(
+        f"stage 0: conditioning and scoring recognizers trained ({steps} steps each, "
+        f"{time.perf_counter() - started:.0f} s beside the VAE)",
+        flush=True,
+    )
     return {
         "cond_val_identification": round(
-            stage0.verification_accuracy(cond, val.faces, val.labels), 3),
+            stage0.verification_accuracy(cond, val.faces, val.labels), 3
+        ),
         "score_val_identification": round(
-            stage0.verification_accuracy(scorer, stage0.score_view(val), val.labels), 3),
-    }  # fmt: skip
+            stage0.verification_accuracy(scorer, stage0.score_view(val), val.labels), 3
+        ),
+    }
 
 
 def _stage0(out: Path, size: DemoSize, seed: int) -> dict:
@@ -160,13 +204,15 @@ def _stage0(out: Path, size: DemoSize, seed: int) -> dict:
     models.mkdir(parents=True, exist_ok=True)
     method = "fork" if sys.platform.startswith("linux") else "spawn"  # as in _stage_evaluate
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context(method)) as pool:
-        recognizers = pool.submit(_train_recognizers, str(out / "shards"), str(models),
-                                  size.recognizer_steps, seed)  # fmt: skip
+        recognizers = pool.submit(
+            _train_recognizers, str(out / "shards"), str(models), size.recognizer_steps, seed
+        )
         train = stage0.load_photos(str(out / "shards"), ("train",))
         val = stage0.load_photos(str(out / "shards"), ("val",))
         alone = min(size.vae_steps, 3 * size.recognizer_steps)
-        vae = stage0.train_vae(train.images, steps=size.vae_steps, seed=seed,
-                               single_thread_steps=alone)  # fmt: skip
+        vae = stage0.train_vae(
+            train.images, steps=size.vae_steps, seed=seed, single_thread_steps=alone
+        )
         with torch.no_grad():
             x = val.images[:64]
             rec = vae.decode(vae.encode(x).latent_dist.sample()).sample.clamp(-1, 1)
@@ -251,8 +297,10 @@ def seed_persons(out: Path, size: DemoSize, seeds: list[int]) -> dict[int, list[
     ids = [rec.meta["person"] for rec in records]
     p = size.eval_persons
     if len(ids) < p * len(seeds):
-        raise ValueError(f"{len(seeds)} seeds x {p} test persons need {p * len(seeds)} test "
-                         f"persons; '{out / 'shards'}' has {len(ids)}")  # fmt: skip
+        raise ValueError(
+            f"{len(seeds)} seeds x {p} test persons need {p * len(seeds)} test "
+            f"persons; '{out / 'shards'}' has {len(ids)}"
+        )
     return {s: ids[k * p : (k + 1) * p] for k, s in enumerate(seeds)}
 
 
@@ -267,8 +315,9 @@ def eval_dir(out: Path, seed: int, track: str) -> Path:
     return out / "eval" / (f"seed{seed}" if track == "wide" else f"cd-seed{seed}")
 
 
-def _eval_kwargs(out: Path, size: DemoSize, seed: int, persons: list[str],
-                 track: str = "wide") -> dict:  # fmt: skip
+def _eval_kwargs(
+    out: Path, size: DemoSize, seed: int, persons: list[str], track: str = "wide"
+) -> dict:
     """``pva evaluate``'s arguments for one seed's ``track`` (``persons``: the seed's all)."""
     methods = method_rows(size) if track == "wide" else ["pva-ft40", "custom-diffusion"]
     return {
@@ -297,10 +346,12 @@ def _eval_kwargs(out: Path, size: DemoSize, seed: int, persons: list[str],
 def _eval_command(kw: dict) -> str:
     cd = ""
     if "custom-diffusion" in kw["methods"]:
-        cd = (f" --cd-steps {kw['cd_steps']} "
-              f"--cd-eval-steps {','.join(map(str, kw['cd_eval_steps']))} "
-              f"--cd-lr {kw['cd_lr']:g} --prior-data {kw['prior_data']} "
-              f"--prior-split {kw['prior_split']}")  # fmt: skip
+        cd = (
+            f" --cd-steps {kw['cd_steps']} "
+            f"--cd-eval-steps {','.join(map(str, kw['cd_eval_steps']))} "
+            f"--cd-lr {kw['cd_lr']:g} --prior-data {kw['prior_data']} "
+            f"--prior-split {kw['prior_split']}"
+        )
     return (
         f"pva evaluate --data {kw['data']} --out {kw['out']} --methods {','.join(kw['methods'])} "
         f"--adapter {kw['adapter']} --recognizer {kw['recognizer']} --steps {kw['steps']} "
@@ -345,12 +396,16 @@ def _stage_evaluate(out: Path, size: DemoSize, seeds: list[int], workers: int) -
             try:
                 pool.starmap(_eval_shard, tasks, chunksize=1)
             except Exception as e:
-                raise RuntimeError(f"pva evaluate failed in a worker ({e}); the commands: "
-                                   + "; ".join(commands.values())) from e  # fmt: skip
+                raise RuntimeError(
+                    f"pva evaluate failed in a worker ({e}); the commands: "
+                    + "; ".join(commands.values())
+                ) from e
         for job in jobs:
-            commands[job] += (f" --shard-index K --num-shards {workers}  # K = 0.."
-                              f"{workers - 1} in parallel, then once without these two flags "
-                              f"to score")  # fmt: skip
+            commands[job] += (
+                f" --shard-index K --num-shards {workers}  # K = 0.."
+                f"{workers - 1} in parallel, then once without these two flags "
+                f"to score"
+            )
     for job in jobs:
         evaluate(**kws[job])  # generates what is missing (nothing after the workers), then scores
     return {"commands": [commands[(s, t)] for s in seeds for t in TRACKS]}
@@ -397,8 +452,13 @@ def collect(out: Path, size: DemoSize, seeds: list[int], track: str = "wide") ->
         results.append(json.loads(path.read_text())["methods"] if path.exists() else {})
     rows = method_rows(size) if track == "wide" else cd_rows(size)
     for method in rows:
-        per_seed: dict[str, list[float]] = {"identity_sim": [], "masked_error": [], "psnr": [],
-                                            "outside_error": [], "adapt_s": []}  # fmt: skip
+        per_seed: dict[str, list[float]] = {
+            "identity_sim": [],
+            "masked_error": [],
+            "psnr": [],
+            "outside_error": [],
+            "adapt_s": [],
+        }
         per_mask: dict[str, list[float]] = {}
         for methods in results:
             entry = methods.get(method, {})
@@ -429,21 +489,38 @@ def check_claims(table: dict, cd_table: dict, size: DemoSize) -> list[tuple[str,
     sd, pva, ft = m["sd-inpaint"], m["pva"], m["pva-ft40"]
     per_seed = {k: v["seeds"] for k, v in table.items()}
     n = len(per_seed["pva"]["identity_sim"])
-    above = sum(a > b for a, b in zip(per_seed["pva"]["identity_sim"],
-                                      per_seed["sd-inpaint"]["identity_sim"]))  # fmt: skip
-    below = sum(a < b for a, b in zip(per_seed["pva"]["masked_error"],
-                                      per_seed["sd-inpaint"]["masked_error"]))  # fmt: skip
+    above = sum(
+        a > b
+        for a, b in zip(per_seed["pva"]["identity_sim"], per_seed["sd-inpaint"]["identity_sim"])
+    )
+    below = sum(
+        a < b
+        for a, b in zip(per_seed["pva"]["masked_error"], per_seed["sd-inpaint"]["masked_error"])
+    )
     claims = []
-    ok = (pva["identity_sim"] > sd["identity_sim"] and pva["masked_error"] < sd["masked_error"]
-          and above == below == n)  # fmt: skip
-    claims.append(("pva zero-shot: identity clearly above sd-inpaint and masked-region error "
-                   "clearly below (in the mean and in every seed)", ok,
-                   f"identity {pva['identity_sim']:.3f} vs {sd['identity_sim']:.3f}, above in "
-                   f"{above} of {n} seeds; error {pva['masked_error']:.4f} vs "
-                   f"{sd['masked_error']:.4f}, below in {below} of {n}"))  # fmt: skip
+    ok = (
+        pva["identity_sim"] > sd["identity_sim"]
+        and pva["masked_error"] < sd["masked_error"]
+        and above == below == n
+    )
+    claims.append(
+        (
+            "pva zero-shot: identity clearly above sd-inpaint and masked-region error "
+            "clearly below (in the mean and in every seed)",
+            ok,
+            f"identity {pva['identity_sim']:.3f} vs {sd['identity_sim']:.3f}, above in "
+            f"{above} of {n} seeds; error {pva['masked_error']:.4f} vs "
+            f"{sd['masked_error']:.4f}, below in {below} of {n}",
+        )
+    )
     ok = ft["identity_sim"] >= pva["identity_sim"]
-    claims.append(("pva-ft40 at or above pva zero-shot", ok,
-                   f"identity {ft['identity_sim']:.3f} vs {pva['identity_sim']:.3f}"))
+    claims.append(
+        (
+            "pva-ft40 at or above pva zero-shot",
+            ok,
+            f"identity {ft['identity_sim']:.3f} vs {pva['identity_sim']:.3f}",
+        )
+    )
     c = {k: v["mean"] for k, v in cd_table.items()}
     target = c["pva-ft40"]["identity_sim"]
     reach = None
@@ -454,13 +531,23 @@ def check_claims(table: dict, cd_table: dict, size: DemoSize) -> list[tuple[str,
             break
     ok = reach is None or reach >= 10 * size.ft_steps
     where = "never within " + str(size.cd_steps) if reach is None else f"first at {reach}"
-    claims.append((f"custom-diffusion needs >= 10x the {size.ft_steps} steps of pva-ft40 to reach "
-                   f"its identity (on the same {size.cd_persons} persons per seed)", ok,
-                   f"reaches {target:.3f}: {where} steps "
-                   f"(scored at {', '.join(map(str, size.cd_eval_steps))}, {size.cd_steps})"))
+    claims.append(
+        (
+            f"custom-diffusion needs >= 10x the {size.ft_steps} steps of pva-ft40 to reach "
+            f"its identity (on the same {size.cd_persons} persons per seed)",
+            ok,
+            f"reaches {target:.3f}: {where} steps "
+            f"(scored at {', '.join(map(str, size.cd_eval_steps))}, {size.cd_steps})",
+        )
+    )
     worst = max(v["mean"]["outside_error"] for t in (table, cd_table) for v in t.values())
-    claims.append(("no method changes pixels outside the mask (paste-back on)", worst == 0.0,
-                   f"largest outside-mask error {worst:.6f}"))
+    claims.append(
+        (
+            "no method changes pixels outside the mask (paste-back on)",
+            worst == 0.0,
+            f"largest outside-mask error {worst:.6f}",
+        )
+    )
     return claims
 
 
@@ -486,8 +573,10 @@ def _grid(out: Path, size: DemoSize, seed: int, rows: int = 4) -> Path | None:
     picked = (picked + [g for g in gts if g not in picked])[:rows]
     if not picked:
         return None
-    refs = {rec.meta["person"]: rec for rec in ShardDataModule(str(out / "shards"),
-                                                               num_workers=0).records("test")}
+    refs = {
+        rec.meta["person"]: rec
+        for rec in ShardDataModule(str(out / "shards"), num_workers=0).records("test")
+    }
 
     def load(p: Path) -> np.ndarray:
         with Image.open(p) as im:
@@ -530,10 +619,14 @@ def write_report(out: Path, size: DemoSize, seeds: list[int], state: dict) -> Pa
     n = len(seeds)
     persons = seed_persons(out, size, seeds)
     over = f"mean ± std over {n} seed{'s' if n > 1 else ''}"
-    header = ["| method | identity sim | masked-region error | masked PSNR (dB) | "
-              "outside-mask error | adaptation s / person |", "|---|---|---|---|---|---|"]
+    header = [
+        "| method | identity sim | masked-region error | masked PSNR (dB) | "
+        "outside-mask error | adaptation s / person |",
+        "|---|---|---|---|---|---|",
+    ]
     lines = [
-        "# `pva demo`: PVA in miniature", "",
+        "# `pva demo`: PVA in miniature",
+        "",
         f"Run: `{state['command']}` ({'quick' if settings['quick'] else 'full'}; seed "
         f"{settings['seed']}; evaluation seeds {', '.join(map(str, seeds))}).",
         f"Test persons: each seed evaluates its own {size.eval_persons} "
@@ -543,10 +636,13 @@ def write_report(out: Path, size: DemoSize, seeds: list[int], state: dict) -> Pa
         f"persons. Each target under 4 masks (lowerface, eyebrow, wholeface, random); DDIM "
         f"{size.ddim_steps} steps, eta 1, guidance {GUIDANCE:g}, paste-back on. Identity: cosine "
         f"similarity to the ground truth under the scoring recognizer (`models/face_score.pth`), "
-        f"never the conditioning one.", "",
+        f"never the conditioning one.",
+        "",
         f"## Results ({over}; each seed's value pools every mask and target of its "
-        f"{size.eval_persons} persons)", "", *header,
-    ]  # fmt: skip
+        f"{size.eval_persons} persons)",
+        "",
+        *header,
+    ]
 
     def row(entry: dict, label: str) -> str:
         mean, std = entry["mean"], entry["std"]
@@ -556,30 +652,50 @@ def write_report(out: Path, size: DemoSize, seeds: list[int], state: dict) -> Pa
                 return "-"
             return (fmt + " ± " + fmt).format(mean[key], std[key])
 
-        return (f"| {label} | {cell('identity_sim', '{:.3f}')} | "
-                f"{cell('masked_error', '{:.4f}')} | {cell('psnr', '{:.2f}')} | "
-                f"{cell('outside_error', '{:.4f}')} | {cell('adapt_s', '{:.1f}')} |")  # fmt: skip
+        return (
+            f"| {label} | {cell('identity_sim', '{:.3f}')} | "
+            f"{cell('masked_error', '{:.4f}')} | {cell('psnr', '{:.2f}')} | "
+            f"{cell('outside_error', '{:.4f}')} | {cell('adapt_s', '{:.1f}')} |"
+        )
 
     lines += [row(table[m], _label(m, size)) for m in method_rows(size)]
-    lines += ["", f"## Custom Diffusion against pva-ft40 ({over}; the first {size.cd_persons} "
-              f"persons of each seed, the same for every row)", "", *header]  # fmt: skip
-    lines += [row(cd_table[m], _label(m, size) + (", same persons" if m == "pva-ft40" else ""))
-              for m in cd_rows(size)]  # fmt: skip
+    lines += [
+        "",
+        f"## Custom Diffusion against pva-ft40 ({over}; the first {size.cd_persons} "
+        f"persons of each seed, the same for every row)",
+        "",
+        *header,
+    ]
+    lines += [
+        row(cd_table[m], _label(m, size) + (", same persons" if m == "pva-ft40" else ""))
+        for m in cd_rows(size)
+    ]
     masks = ["lowerface", "eyebrow", "wholeface", "random"]
-    lines += ["", "Identity similarity by mask (mean over seeds; Custom Diffusion on its "
-              "persons):", "", "| method | " + " | ".join(masks) + " |",
-              "|---|" + "---|" * len(masks)]  # fmt: skip
-    for method, entry in [*((m, table[m]) for m in method_rows(size)),
-                          *((m, cd_table[m]) for m in cd_rows(size)[1:])]:  # fmt: skip
+    lines += [
+        "",
+        "Identity similarity by mask (mean over seeds; Custom Diffusion on its persons):",
+        "",
+        "| method | " + " | ".join(masks) + " |",
+        "|---|" + "---|" * len(masks),
+    ]
+    for method, entry in [
+        *((m, table[m]) for m in method_rows(size)),
+        *((m, cd_table[m]) for m in cd_rows(size)[1:]),
+    ]:
         by = entry["identity_by_mask"]
-        lines.append(f"| {_label(method, size)} | "
-                     + " | ".join(f"{by[k]:.3f}" if k in by else "-" for k in masks) + " |")
+        lines.append(
+            f"| {_label(method, size)} | "
+            + " | ".join(f"{by[k]:.3f}" if k in by else "-" for k in masks)
+            + " |"
+        )
     lines += ["", "## The paper's claims, checked on these numbers", ""]
     for text, ok, detail in claims:
         lines.append(f"- **{'holds' if ok else 'does not hold'}**: {text} ({detail})")
     if settings["quick"]:
-        lines.append("- `--quick` trains every stage for a few steps only: it checks that the "
-                     "pipeline runs end to end, and its numbers are not evidence either way.")
+        lines.append(
+            "- `--quick` trains every stage for a few steps only: it checks that the "
+            "pipeline runs end to end, and its numbers are not evidence either way."
+        )
     else:
         lines.append(
             f"- Known limitations: Custom Diffusion (about 70 s per person on one thread) runs "
@@ -595,50 +711,85 @@ def write_report(out: Path, size: DemoSize, seeds: list[int], state: dict) -> Pa
             "tokens did no better than the references, so the stand-in UNet's rendering, not "
             "the identity encoder, limits the zero-shot gain."
         )
-    lines += ["", "What this is and is not: the stand-ins are minutes old, so every fill is blurry "
-              "and colour-shifted (see the VAE error below and the grid); the table compares "
-              "methods on the same frozen stand-ins and, within a table and seed, the same "
-              "test persons, not image quality. The seeds vary the test persons, sampling and "
-              "fine-tuning noise; the data, stage 0 and stage 1 are trained once "
-              "(`--seed`)."]  # fmt: skip
+    lines += [
+        "",
+        "What this is and is not: the stand-ins are minutes old, so every fill is blurry "
+        "and colour-shifted (see the VAE error below and the grid); the table compares "
+        "methods on the same frozen stand-ins and, within a table and seed, the same "
+        "test persons, not image quality. The seeds vary the test persons, sampling and "
+        "fine-tuning noise; the data, stage 0 and stage 1 are trained once "
+        "(`--seed`).",
+    ]
     stage0 = done.get("stage0", {})
-    lines += ["", "## Stage 0 stand-ins (validation persons)", "",
-              f"- VAE reconstruction error (mean |diff|, [0, 1]): {stage0.get('vae_val_error')}",
-              f"- conditioning recognizer, nearest-neighbour identification: "
-              f"{stage0.get('cond_val_identification')}",
-              f"- scoring recognizer, nearest-neighbour identification: "
-              f"{stage0.get('score_val_identification')}"]  # fmt: skip
+    lines += [
+        "",
+        "## Stage 0 stand-ins (validation persons)",
+        "",
+        f"- VAE reconstruction error (mean |diff|, [0, 1]): {stage0.get('vae_val_error')}",
+        f"- conditioning recognizer, nearest-neighbour identification: "
+        f"{stage0.get('cond_val_identification')}",
+        f"- scoring recognizer, nearest-neighbour identification: "
+        f"{stage0.get('score_val_identification')}",
+    ]
     if grid is not None:
-        lines += ["", "## Grid (seed " + str(seeds[0]) + ")", "",
-                  "Columns: masked input | " + " | ".join(_label(m, size)
-                                                          for m in grid_columns(size))
-                  + " | ground truth | references (Custom Diffusion's persons).", "",
-                  "![grid](grid.png)"]  # fmt: skip
-    lines += ["", "## Time per stage (seconds, this machine)", "", "| stage | seconds |",
-              "|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            "## Grid (seed " + str(seeds[0]) + ")",
+            "",
+            "Columns: masked input | "
+            + " | ".join(_label(m, size) for m in grid_columns(size))
+            + " | ground truth | references (Custom Diffusion's persons).",
+            "",
+            "![grid](grid.png)",
+        ]
+    lines += [
+        "",
+        "## Time per stage (seconds, this machine)",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+    ]
     for stage in STAGES[:-1]:
         if stage in done:
             lines.append(f"| {stage} | {done[stage]['seconds']} |")
-    lines += ["", "## Reproduce every stage", "", "```bash",
-              f"pva demo --out {out} --only data      # procedural CelebAHQ-IDI tree + shards",
-              f"pva demo --out {out} --only stage0    # stand-in backbone and recognizers",
-              done.get("stage1", {}).get("command", "python train.py fit --config "
-                                         f"{out}/stage1.yaml"),
-              *done.get("evaluate", {}).get("commands", []),
-              f"pva demo --out {out} --only report    # this file",
-              "```", "", f"TensorBoard: `tensorboard --logdir {out / 'logs'}`", ""]  # fmt: skip
+    lines += [
+        "",
+        "## Reproduce every stage",
+        "",
+        "```bash",
+        f"pva demo --out {out} --only data      # procedural CelebAHQ-IDI tree + shards",
+        f"pva demo --out {out} --only stage0    # stand-in backbone and recognizers",
+        done.get("stage1", {}).get("command", f"python train.py fit --config {out}/stage1.yaml"),
+        *done.get("evaluate", {}).get("commands", []),
+        f"pva demo --out {out} --only report    # this file",
+        "```",
+        "",
+        f"TensorBoard: `tensorboard --logdir {out / 'logs'}`",
+        "",
+    ]
     path = out / "report.md"
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines))
     with atomic_path(out / "results.json") as tmp:
-        tmp.write_text(json.dumps({"table": table, "cd_table": cd_table,
-                                   "claims": [list(c) for c in claims]}, indent=1))
+        tmp.write_text(
+            json.dumps(
+                {"table": table, "cd_table": cd_table, "claims": [list(c) for c in claims]},
+                indent=1,
+            )
+        )
     return path
 
 
-def demo(out: str | Path = "demo_out", quick: bool = False, seed: int = 0,
-         seeds: int | None = None, only: str | None = None, overwrite: bool = False,
-         workers: int = 2, command: str = "pva demo") -> Path:  # fmt: skip
+def demo(
+    out: str | Path = "demo_out",
+    quick: bool = False,
+    seed: int = 0,
+    seeds: int | None = None,
+    only: str | None = None,
+    overwrite: bool = False,
+    workers: int = 2,
+    command: str = "pva demo",
+) -> Path:
     """Run (or resume) the demo; returns the report's path.
 
     Args:
@@ -666,8 +817,9 @@ def demo(out: str | Path = "demo_out", quick: bool = False, seed: int = 0,
     if overwrite and (out.exists() or out.is_symlink()):
         remove_path(out)
     if out.exists() and any(out.iterdir()) and not (out / "demo.json").is_file():
-        raise FileExistsError(f"{out} exists and is not a demo folder; pass --overwrite or "
-                              f"another --out")  # fmt: skip
+        raise FileExistsError(
+            f"{out} exists and is not a demo folder; pass --overwrite or another --out"
+        )
     out.mkdir(parents=True, exist_ok=True)
     size = QUICK if quick else FULL
     eval_seeds = [seed + k for k in range(seeds if seeds is not None else size.seeds)]

@@ -75,8 +75,15 @@ def load_photos(shards: str, splits: tuple[str, ...] = ("train",)) -> PhotoSet:
                 labels.append(len(persons) - 1)
     if not images:
         raise ValueError(f"no photos in splits {splits} of '{shards}'")
-    return PhotoSet(torch.stack(images), torch.stack(faces), np.stack(landmarks), boxes,
-                    captions, torch.tensor(labels), persons)  # fmt: skip
+    return PhotoSet(
+        torch.stack(images),
+        torch.stack(faces),
+        np.stack(landmarks),
+        boxes,
+        captions,
+        torch.tensor(labels),
+        persons,
+    )
 
 
 def _steps(steps: int, desc: str, progress: bool) -> Iterator[int]:
@@ -105,9 +112,16 @@ def _constant_then_decay(opt: torch.optim.Optimizer, base: float, step: int, ste
         g["lr"] = base * scale * g.get("lr_scale", 1.0)
 
 
-def train_vae(images: Tensor, steps: int = 1200, batch_size: int = 16, crop: int = 32,
-              lr: float = 2e-3, seed: int = 0, progress: bool = True,
-              single_thread_steps: int = 0) -> AutoencoderKL:  # fmt: skip
+def train_vae(
+    images: Tensor,
+    steps: int = 1200,
+    batch_size: int = 16,
+    crop: int = 32,
+    lr: float = 2e-3,
+    seed: int = 0,
+    progress: bool = True,
+    single_thread_steps: int = 0,
+) -> AutoencoderKL:
     """Train a small ``AutoencoderKL`` on random crops (it is fully convolutional).
 
     It is trained as a deterministic autoencoder (L1 + MSE reconstruction of the posterior mean),
@@ -144,8 +158,9 @@ def train_vae(images: Tensor, steps: int = 1200, batch_size: int = 16, crop: int
             idx = torch.randint(n, (batch_size,), generator=gen)
             ys = torch.randint(0, size - crop + 1, (batch_size,), generator=gen)
             xs = torch.randint(0, size - crop + 1, (batch_size,), generator=gen)
-            x = torch.stack([images[i, :, y : y + crop, x0 : x0 + crop]
-                             for i, y, x0 in zip(idx, ys, xs)])  # (B, 3, crop, crop)  # fmt: skip
+            x = torch.stack(
+                [images[i, :, y : y + crop, x0 : x0 + crop] for i, y, x0 in zip(idx, ys, xs)]
+            )  # (B, 3, crop, crop)
             rec = vae.decode(vae.encode(x).latent_dist.mean).sample
             loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
             opt.zero_grad(set_to_none=True)
@@ -158,8 +173,9 @@ def train_vae(images: Tensor, steps: int = 1200, batch_size: int = 16, crop: int
     with torch.no_grad():
         vae.quant_conv.weight[c:] = 0.0  # rows c..2c of quant_conv produce the log-variance
         vae.quant_conv.bias[c:] = -20.0
-        lat = torch.cat([vae.encode(images[i : i + 64]).latent_dist.mean
-                         for i in range(0, min(n, 512), 64)])  # fmt: skip
+        lat = torch.cat(
+            [vae.encode(images[i : i + 64]).latent_dist.mean for i in range(0, min(n, 512), 64)]
+        )
     vae.register_to_config(scaling_factor=float(1.0 / lat.std()))
     return vae
 
@@ -176,11 +192,20 @@ def _masks(boxes: list[dict], size: int, rng: random.Random, full_prob: float) -
     return torch.stack(out)  # (B, 1, S, S)
 
 
-def train_backbone(vae: AutoencoderKL, photos: PhotoSet, steps: int = 2000, batch_size: int = 16,
-                   lr: float = 3e-3, caption_prob: float = 0.5, text_dropout: float = 0.1,
-                   full_mask_prob: float = 0.1, min_snr_gamma: float = 5.0,
-                   text_lr: float | None = None, seed: int = 0,
-                   progress: bool = True) -> Backbone:  # fmt: skip
+def train_backbone(
+    vae: AutoencoderKL,
+    photos: PhotoSet,
+    steps: int = 2000,
+    batch_size: int = 16,
+    lr: float = 3e-3,
+    caption_prob: float = 0.5,
+    text_dropout: float = 0.1,
+    full_mask_prob: float = 0.1,
+    min_snr_gamma: float = 5.0,
+    text_lr: float | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> Backbone:
     """Train the inpainting UNet (and the text encoder) with ``vae`` frozen, without references.
 
     Same conditioning as SD2-inpainting (and :class:`~pva.model.PVAModel`): noisy latent, the
@@ -226,8 +251,12 @@ def train_backbone(vae: AutoencoderKL, photos: PhotoSet, steps: int = 2000, batc
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=1e-2, fused=True)
     n, size = photos.images.shape[0], photos.images.shape[-1]
     with torch.no_grad():
-        latents = torch.cat([vae.encode(photos.images[i : i + 64]).latent_dist.mean
-                             for i in range(0, n, 64)]) * vae.config.scaling_factor  # (N, 4, h, w)
+        latents = (
+            torch.cat(
+                [vae.encode(photos.images[i : i + 64]).latent_dist.mean for i in range(0, n, 64)]
+            )
+            * vae.config.scaling_factor
+        )  # (N, 4, h, w)
     sched = bb.scheduler
     snr = sched.alphas_cumprod / (1 - sched.alphas_cumprod)  # (T,) signal-to-noise ratio
     for step in _steps(steps, "stage 0: inpainting UNet", progress):
@@ -248,8 +277,9 @@ def train_backbone(vae: AutoencoderKL, photos: PhotoSet, steps: int = 2000, batc
                 prompts.append(f"{UNCOND_PROMPT}. {photos.captions[i]}")
             else:
                 prompts.append(UNCOND_PROMPT)
-        ids = bb.tokenizer(prompts, padding="max_length", max_length=77, truncation=True,
-                           return_tensors="pt").input_ids  # fmt: skip
+        ids = bb.tokenizer(
+            prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        ).input_ids
         with torch.set_grad_enabled(text_lr > 0):
             ctx = text(ids)[0]  # (B, 77, D)
         t = torch.randint(0, sched.config.num_train_timesteps, (batch_size,), generator=gen)
@@ -279,12 +309,21 @@ def score_view(photos: PhotoSet) -> Tensor:
     return torch.from_numpy(crops).float().permute(0, 3, 1, 2) / 127.5 - 1.0  # (N, 3, 112, 112)
 
 
-def train_recognizer(faces: Tensor, labels: Tensor, layers: tuple[int, ...] = (1, 1, 1, 1),
-                     widths: tuple[int, ...] = (8, 16, 32, 64), num_features: int = 64,
-                     steps: int = 300, batch_size: int = 32, lr: float = 2e-3,
-                     margin: float = 0.25, scale: float = 16.0, seed: int = 0,
-                     desc: str = "stage 0: recognizer",
-                     progress: bool = True) -> IResNet:  # fmt: skip
+def train_recognizer(
+    faces: Tensor,
+    labels: Tensor,
+    layers: tuple[int, ...] = (1, 1, 1, 1),
+    widths: tuple[int, ...] = (8, 16, 32, 64),
+    num_features: int = 64,
+    steps: int = 300,
+    batch_size: int = 32,
+    lr: float = 2e-3,
+    margin: float = 0.25,
+    scale: float = 16.0,
+    seed: int = 0,
+    desc: str = "stage 0: recognizer",
+    progress: bool = True,
+) -> IResNet:
     """Train an arcface_torch IResNet with a CosFace head on person labels.
 
     Augmentation: brightness / contrast jitter and shifts of up to 4 pixels (no flips: a mole's
@@ -309,8 +348,7 @@ def train_recognizer(faces: Tensor, labels: Tensor, layers: tuple[int, ...] = (1
     model = IResNet(layers, widths, num_features).train()
     classes = int(labels.max()) + 1
     head = nn.Parameter(torch.randn(classes, num_features) * 0.01)
-    opt = torch.optim.AdamW([*model.parameters(), head], lr=lr, weight_decay=5e-4,
-                            fused=True)  # fmt: skip
+    opt = torch.optim.AdamW([*model.parameters(), head], lr=lr, weight_decay=5e-4, fused=True)
     gen = torch.Generator().manual_seed(seed)
     n = faces.shape[0]
     for step in _steps(steps, desc, progress):
@@ -336,8 +374,9 @@ def train_recognizer(faces: Tensor, labels: Tensor, layers: tuple[int, ...] = (1
 @torch.no_grad()
 def verification_accuracy(model: IResNet, faces: Tensor, labels: Tensor) -> float:
     """Nearest-neighbour identification accuracy (leave one out) of held-out faces."""
-    emb = torch.cat([F.normalize(model(faces[i : i + 128]), dim=-1)
-                     for i in range(0, len(faces), 128)])  # (N, D)  # fmt: skip
+    emb = torch.cat(
+        [F.normalize(model(faces[i : i + 128]), dim=-1) for i in range(0, len(faces), 128)]
+    )  # (N, D)
     sim = emb @ emb.T
     sim.fill_diagonal_(-2)
     return float((labels[sim.argmax(1)] == labels).float().mean())
