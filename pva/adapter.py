@@ -117,13 +117,27 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, 
         FileNotFoundError: No such file.
         AdapterMismatchError: Not a PVA adapter file.
     """
+    return _read(path, tensors=True)
+
+
+def read_adapter_header(path: str | os.PathLike) -> dict[str, Any]:
+    """An adapter file's header only (config, paths, backbone signature): no tensor is read.
+
+    Raises:
+        FileNotFoundError: No such file.
+        AdapterMismatchError: Not a PVA adapter file.
+    """
+    return _read(path, tensors=False)[1]
+
+
+def _read(path: str | os.PathLike, tensors: bool) -> tuple[dict[str, Tensor], dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"adapter file '{path}' not found")
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open API
+            loaded = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}  # noqa: SIM118
     except Exception as err:  # noqa: BLE001 - any parse error is "not an adapter"
         raise AdapterMismatchError(f"'{path}' is not a safetensors file: {err}") from None
     try:
@@ -137,21 +151,34 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, 
             f"'{path}' has adapter version {header.get('version')}; this code reads "
             f"{ADAPTER_VERSION}"
         )
-    return tensors, header
+    return loaded, header
 
 
-def config_from_adapter(path: str | os.PathLike) -> PVAConfig:
-    """The :class:`PVAConfig` an adapter was saved with (to build a model it fits)."""
-    _, header = read_adapter(path)
+def config_from_adapter(path: str | os.PathLike | dict[str, Any]) -> PVAConfig:
+    """The :class:`PVAConfig` an adapter was saved with (to build a model it fits).
+
+    Args:
+        path: The adapter file, or its header (:func:`read_adapter_header`).
+    """
+    header = path if isinstance(path, dict) else read_adapter_header(path)
     known = {f.name for f in dataclasses.fields(PVAConfig)}
     return PVAConfig(**{k: v for k, v in header["config"].items() if k in known})
 
 
-def load_adapter(model: PVAModel, path: str | os.PathLike) -> dict[str, Any]:
+def load_adapter(
+    model: PVAModel,
+    path: str | os.PathLike,
+    read: tuple[dict[str, Tensor], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """Load an adapter file into ``model`` (in place), after checking that it fits.
 
     Face-backbone weights load whenever the file has them. PVA, projection and token weights
     must all be present.
+
+    Args:
+        model: The model to load into.
+        path: The adapter file (named in errors).
+        read: ``read_adapter(path)`` when the caller has already read it (read once).
 
     Returns:
         The adapter header.
@@ -159,7 +186,7 @@ def load_adapter(model: PVAModel, path: str | os.PathLike) -> dict[str, Any]:
     Raises:
         AdapterMismatchError: Backbone, variant, key or shape mismatch (named in the message).
     """
-    tensors, header = read_adapter(path)
+    tensors, header = read if read is not None else read_adapter(path)
     mine, theirs = backbone_signature(model), header.get("backbone", {})
     diffs = [
         f"{k}={theirs.get(k)} (this model: {v})" for k, v in mine.items() if theirs.get(k) != v

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from pva.adapter import read_adapter, save_adapter
+from pva.adapter import read_adapter_header, save_adapter
 from pva.data.schema import IMAGE_EXTS
 from pva.faces import BadImageError, detect_landmarks, face_centred_crop, load_rgb, region_box
 from pva.fileio import atomic_path, check_output_file
@@ -23,7 +23,7 @@ def _photo_files(folder: Path) -> list[Path]:
 
 def resolve_paths(adapter: str, backbone: str | None, face_model: str | None) -> tuple[str, str]:
     """``--backbone`` / ``--face-model``, defaulting to the paths recorded in the adapter."""
-    _, header = read_adapter(adapter)
+    header = read_adapter_header(adapter)
     recorded = header.get("paths", {})
     backbone = backbone or recorded.get("backbone")
     face_model = face_model or recorded.get("face_model")

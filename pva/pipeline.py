@@ -192,7 +192,7 @@ class PVAInpaintPipeline(DiffusionPipeline):
         Returns:
             The pipeline.
         """
-        _, header = read_adapter(adapter)
+        tensors, header = read = read_adapter(adapter)  # the file is read once
         if face_model is None:
             face_model = header.get("paths", {}).get("face_model")
             if not face_model or not Path(face_model).is_file():
@@ -204,7 +204,7 @@ class PVAInpaintPipeline(DiffusionPipeline):
             backbone = Backbone(
                 self.vae, self.text_encoder, self.tokenizer, self.unet, self.scheduler
             )
-            self.pva = PVAModel(backbone, load_iresnet(face_model), config_from_adapter(adapter))
+            self.pva = PVAModel(backbone, load_iresnet(face_model), config_from_adapter(header))
         else:  # a fresh start for every adapter: undo CrossQKV-FT weights of an earlier one
             state = self.pva.state_dict()
             with torch.no_grad():
@@ -213,12 +213,11 @@ class PVAInpaintPipeline(DiffusionPipeline):
             self.pva.identity_encoder.backbone.load_state_dict(
                 load_iresnet(face_model).state_dict()
             )
-        tensors, _ = read_adapter(adapter)
         state = self.pva.state_dict()
         for key in tensors:
             if not self.pva.is_adapter_key(key) and key not in self._pristine and key in state:
                 self._pristine[key] = state[key].detach().clone()
-        load_adapter(self.pva, adapter)
+        load_adapter(self.pva, adapter, read)
         self.pva.eval()
         self._paths = {"adapter": str(adapter), "face_model": str(face_model)}
         return self

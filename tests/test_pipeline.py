@@ -447,3 +447,21 @@ def test_pipeline_numbers_are_checked(pipe, setup):
     for kw, needle in cases:
         with pytest.raises(RangeError, match=re.escape(needle)):
             pipe(TARGET, mask_region="eyebrow", reference_images=refs, **kw)
+
+
+def test_the_personalize_path_reads_the_adapter_file_once(setup, tmp_path, monkeypatch):
+    import pva.adapter as adapter_module
+    from pva.apps import personalize_cli
+
+    reads = []
+    real = adapter_module._read
+
+    def counted(path, tensors):
+        reads.append(tensors)
+        return real(path, tensors)
+
+    monkeypatch.setattr(adapter_module, "_read", counted)
+    out = tmp_path / "me.safetensors"
+    personalize_cli(str(setup["adapter"]), str(setup["refs"]), str(out), steps=1)
+    assert reads.count(True) == 1  # tensors read once (before: six whole-file reads)
+    assert out.is_file()
