@@ -32,7 +32,6 @@ from pva.attention import (
 from pva.backbone import Backbone, load_backbone
 from pva.checks import NONNEGATIVE, POSITIVE, POSITIVE_INT, Range, check_ranges
 from pva.identity import FaceCrop, IdentityEncoder, IdentityProjection, IResNet, load_iresnet
-from pva.objective import keep_mask, stratified_timesteps
 from pva.prompts import MODIFIER_TOKEN
 from pva.token import ModifierToken
 
@@ -259,7 +258,7 @@ class PVAModel(nn.Module):
         return next(self.vae.parameters()).dtype
 
     @property
-    def _latent_dtype(self) -> torch.dtype:
+    def latent_dtype(self) -> torch.dtype:
         """Dtype of latents and noise: fp32 when frozen weights are held in half, else the VAE's."""
         return torch.float32 if self.frozen_dtype is not None else self.vae_dtype
 
@@ -368,79 +367,3 @@ class PVAModel(nn.Module):
         with self._frozen_autocast():
             eps = self.unet(x, timesteps, encoder_hidden_states=ctx, cross_attention_kwargs=kwargs)
         return self._out(eps[0])  # (B, 4, h, w)
-
-    def training_loss(
-        self,
-        batch: dict,
-        timestep_draws: int = 4,
-        text_dropout: float = 0.0,
-        identity_dropout: float = 0.0,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Epsilon-prediction MSE over the whole latent (METHOD sections 2 and 6).
-
-        Args:
-            batch: ``image`` (B, 3, H, W) in [-1, 1]; ``mask`` (B, 1, H, W), 1 = hole;
-                ``references`` (B, K, 3, h, w) in [-1, 1]; ``prompt`` list of B strings;
-                optional ``reference_mask`` (B, K) bool. Optional precomputed encodings of
-                frozen parts, used instead of running them: ``latent_moments`` and
-                ``masked_moments`` (B, 8, h, w), :meth:`encode_moments` of the images and of the
-                masked images (latents are still sampled from them here); ``identity_tokens``
-                (B, n_id, D), :meth:`encode_identity` of the references; or
-                ``reference_embeddings`` (B, K, E), the frozen face backbone's embeddings of the
-                references (only the projection runs).
-            timestep_draws: Stratified timesteps per image (4 in the paper).
-            text_dropout: Probability of replacing a prompt by ``""`` (0 in the paper).
-            identity_dropout: Probability of hiding a sample's identity tokens (0 in the paper).
-                At 1 the identity encoder is not run at all (Custom Diffusion's fine-tuning).
-            generator: Optional randomness source for noise, timesteps and dropout.
-
-        Returns:
-            Scalar loss.
-        """
-        images, masks = batch["image"].to(self.device), batch["mask"].to(self.device)
-        b, n = images.shape[0], timestep_draws
-        with torch.no_grad():
-            moments = batch.get("latent_moments")
-            if moments is None:
-                moments = self.encode_moments(images)  # (B, 8, h, w)
-            moments = moments.to(self.device, self._latent_dtype)
-            latents = self.sample_latents(moments, generator)  # (B, 4, h, w)
-            masked_moments = batch.get("masked_moments")
-            if masked_moments is not None:
-                masked_moments = masked_moments.to(self.device, self._latent_dtype)
-            mask_latent, masked_latent = self.inpaint_conditioning(
-                images, masks, generator, masked_moments
-            )
-        prompts = list(batch["prompt"])
-        keep_text = keep_mask(b, text_dropout, generator, self.device)
-        if keep_text is not None:
-            prompts = [p if k else "" for p, k in zip(prompts, keep_text.tolist())]
-        text = self.encode_prompt(prompts)  # (B, 77, D)
-        keep_id = keep_mask(b, identity_dropout, generator, self.device)
-        if identity_dropout >= 1.0:  # every row drops its tokens: same as no tokens at all
-            ident, keep_id = None, None
-        elif "identity_tokens" in batch:
-            ident = batch["identity_tokens"].to(self.device)  # (B, n_id, D)
-        elif "reference_embeddings" in batch:
-            projection = self.identity_encoder.projection
-            emb = batch["reference_embeddings"].to(self.device, next(projection.parameters()).dtype)
-            mask = batch.get("reference_mask")
-            ident = projection(emb, None if mask is None else mask.to(self.device))  # (B, n_id, D)
-        else:
-            ident = self.encode_identity(batch["references"], batch.get("reference_mask"))
-
-        def rep(x: Tensor | None) -> Tensor | None:
-            return None if x is None else x.repeat_interleave(n, dim=0)  # (B*n, ...)
-
-        t = stratified_timesteps(
-            b, n, self.scheduler.config.num_train_timesteps, generator, self.device
-        )  # (B*n,)
-        latents = rep(latents)
-        noise = torch.randn(latents.shape, generator=generator, device=self.device)
-        noise = noise.to(latents.dtype)
-        noisy = self.scheduler.add_noise(latents, noise, t)
-        pred = self.predict_noise(
-            noisy, t, rep(mask_latent), rep(masked_latent), rep(text), rep(ident), rep(keep_id)
-        )
-        return F.mse_loss(pred.float(), noise.float())

@@ -20,7 +20,7 @@ from torch import Tensor
 from pva.adapter import load_adapter, save_adapter
 from pva.checks import NONNEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, check_ranges
 from pva.model import PVAConfig, PVAModel
-from pva.objective import fused_adam_ok
+from pva.objective import DenoisingObjective, fused_adam_ok
 
 MODULE_RANGES = {
     "batch_size": POSITIVE_INT,
@@ -126,6 +126,7 @@ class PVAModule(L.LightningModule):
         self.effective_lrs: dict[str, float] = {}
         self.nonfinite_skipped = 0
         self._batch_skips = 0
+        self.objective = DenoisingObjective(timestep_draws, text_dropout, identity_dropout)
         self._step_start: float | None = None
         if frozen_dtype not in ("float32", "bfloat16", "float16"):
             allowed = "float32, bfloat16 or float16"
@@ -208,9 +209,7 @@ class PVAModule(L.LightningModule):
         hp = self.hparams
         if hp.cache_encodings:
             batch = self.with_cached_encodings(batch)
-        loss = self._require_model().training_loss(
-            batch, hp.timestep_draws, hp.text_dropout, hp.identity_dropout
-        )
+        loss = self.objective(self._require_model(), batch)
         if not torch.isfinite(loss):
             if hp.nonfinite == "raise":
                 raise FloatingPointError(

@@ -1,11 +1,21 @@
-"""The training objective's sampling pieces, kept apart from the network (METHOD section 6)."""
+"""The training objective, apart from the network (METHOD sections 2 and 6).
+
+:class:`DenoisingObjective` draws the timesteps, drops conditions and takes the epsilon MSE;
+:class:`pva.model.PVAModel` only encodes and predicts noise (:meth:`PVAModel.predict_noise`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from pva.model import PVAModel
 
 
 def stratified_timesteps(
@@ -70,3 +80,102 @@ def fused_adam_ok(params: Iterable[Tensor | dict]) -> bool:
     return bool(tensors) and all(
         t.is_floating_point() and t.device.type in ("cpu", "cuda") for t in tensors
     )
+
+
+@dataclass
+class DenoisingObjective:
+    """Epsilon-prediction MSE over the whole latent (METHOD sections 2 and 6).
+
+    Args:
+        timestep_draws: Stratified timesteps per image, all in one loss (4 in the paper).
+        text_dropout: Probability of replacing a prompt by ``""`` (0 in the paper).
+        identity_dropout: Probability of hiding a sample's identity tokens (0 in the paper).
+            At 1 the identity encoder is not run at all (Custom Diffusion's fine-tuning).
+    """
+
+    timestep_draws: int = 4
+    text_dropout: float = 0.0
+    identity_dropout: float = 0.0
+
+    def __call__(
+        self, model: PVAModel, batch: dict, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """The loss of ``model`` on ``batch``.
+
+        Args:
+            model: The network: encoders and :meth:`PVAModel.predict_noise`.
+            batch: ``image`` (B, 3, H, W) in [-1, 1]; ``mask`` (B, 1, H, W), 1 = hole;
+                ``references`` (B, K, 3, h, w) in [-1, 1]; ``prompt`` list of B strings;
+                optional ``reference_mask`` (B, K) bool. Optional precomputed encodings of
+                frozen parts, used instead of running them: ``latent_moments`` and
+                ``masked_moments`` (B, 8, h, w), :meth:`PVAModel.encode_moments` of the images
+                and of the masked images (latents are still sampled from them here);
+                ``identity_tokens`` (B, n_id, D), :meth:`PVAModel.encode_identity` of the
+                references; or ``reference_embeddings`` (B, K, E), the frozen face backbone's
+                embeddings of the references (only the projection runs).
+            generator: Optional randomness source for noise, timesteps and dropout.
+
+        Returns:
+            Scalar loss.
+        """
+        images, masks = batch["image"].to(model.device), batch["mask"].to(model.device)
+        b, n = images.shape[0], self.timestep_draws
+        with torch.no_grad():
+            moments = batch.get("latent_moments")
+            if moments is None:
+                moments = model.encode_moments(images)  # (B, 8, h, w)
+            moments = moments.to(model.device, model.latent_dtype)
+            latents = model.sample_latents(moments, generator)  # (B, 4, h, w)
+            masked_moments = batch.get("masked_moments")
+            if masked_moments is not None:
+                masked_moments = masked_moments.to(model.device, model.latent_dtype)
+            mask_latent, masked_latent = model.inpaint_conditioning(
+                images, masks, generator, masked_moments
+            )
+        prompts = list(batch["prompt"])
+        keep_text = keep_mask(b, self.text_dropout, generator, model.device)
+        if keep_text is not None:
+            prompts = [p if k else "" for p, k in zip(prompts, keep_text.tolist())]
+        text = model.encode_prompt(prompts)  # (B, 77, D)
+        keep_id = keep_mask(b, self.identity_dropout, generator, model.device)
+        if self.identity_dropout >= 1.0:  # every row drops its tokens: same as no tokens at all
+            ident, keep_id = None, None
+        elif "identity_tokens" in batch:
+            ident = batch["identity_tokens"].to(model.device)  # (B, n_id, D)
+        elif "reference_embeddings" in batch:
+            projection = model.identity_encoder.projection
+            emb = batch["reference_embeddings"].to(
+                model.device, next(projection.parameters()).dtype
+            )
+            mask = batch.get("reference_mask")
+            ident = projection(emb, None if mask is None else mask.to(model.device))  # (B, n_id, D)
+        else:
+            ident = model.encode_identity(batch["references"], batch.get("reference_mask"))
+
+        def rep(x: Tensor | None) -> Tensor | None:
+            return None if x is None else x.repeat_interleave(n, dim=0)  # (B*n, ...)
+
+        t = stratified_timesteps(
+            b, n, model.scheduler.config.num_train_timesteps, generator, model.device
+        )  # (B*n,)
+        latents = rep(latents)
+        noise = torch.randn(latents.shape, generator=generator, device=model.device)
+        noise = noise.to(latents.dtype)
+        noisy = model.scheduler.add_noise(latents, noise, t)
+        pred = model.predict_noise(
+            noisy, t, rep(mask_latent), rep(masked_latent), rep(text), rep(ident), rep(keep_id)
+        )
+        return F.mse_loss(pred.float(), noise.float())
+
+
+def denoising_loss(
+    model: PVAModel,
+    batch: dict,
+    timestep_draws: int = 4,
+    text_dropout: float = 0.0,
+    identity_dropout: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """``DenoisingObjective(timestep_draws, text_dropout, identity_dropout)(model, batch)``."""
+    objective = DenoisingObjective(timestep_draws, text_dropout, identity_dropout)
+    return objective(model, batch, generator)

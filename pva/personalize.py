@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from pva.attention import identity_processors
 from pva.model import PVAModel
-from pva.objective import fused_adam_ok
+from pva.objective import denoising_loss, fused_adam_ok
 from pva.prompts import conditional_prompt
 
 FTVariant = Literal["pva", "crossqkv", "custom-diffusion", "custom-diffusion-kv"]
@@ -258,13 +258,13 @@ def personalized(
                             for r in batch_refs
                         ]
                         batch["identity_tokens"] = torch.cat(tokens)  # (B, n_id, D)
-                loss = model.training_loss(
-                    batch, timestep_draws, identity_dropout=float(no_identity), generator=gen
+                loss = denoising_loss(
+                    model, batch, timestep_draws, identity_dropout=float(no_identity), generator=gen
                 )
                 if prior is not None:
                     prior_batch = prior(flip_gen)
-                    prior_loss = model.training_loss(
-                        prior_batch, timestep_draws, identity_dropout=1.0, generator=gen
+                    prior_loss = denoising_loss(
+                        model, prior_batch, timestep_draws, identity_dropout=1.0, generator=gen
                     )
                     loss = loss + prior_weight * prior_loss
                 opt.zero_grad(set_to_none=True)

@@ -48,7 +48,7 @@ def count_calls(calls: dict[str, int], key: str, obj: object, name: str) -> None
 
 
 def make_batch(batch_size: int = 2, num_refs: int = 3, size: int = 64, seed: int = 0) -> dict:
-    """A deterministic random training batch in the format PVAModel.training_loss takes."""
+    """A deterministic random training batch, as pva.objective.DenoisingObjective takes it."""
     g = torch.Generator().manual_seed(seed)
     masks = torch.zeros(batch_size, 1, size, size)
     masks[:, :, size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1.0

@@ -9,6 +9,7 @@ import torch
 from conftest import make_batch
 
 from pva.module import PVAModule
+from pva.objective import denoising_loss
 from pva.sampling import ddim_inpaint
 from pva.tiny import tiny_pva_config
 
@@ -30,7 +31,7 @@ def _module(tiny_assets, **kw) -> PVAModule:
 def _loss_and_grads(module: PVAModule) -> tuple[float, dict[str, torch.Tensor]]:
     model = module.model
     batch = make_batch(batch_size=2, num_refs=2)
-    loss = model.training_loss(batch, 2, generator=torch.Generator().manual_seed(0))
+    loss = denoising_loss(model, batch, 2, generator=torch.Generator().manual_seed(0))
     loss.backward()
     return loss.item(), {
         n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None

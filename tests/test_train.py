@@ -23,6 +23,7 @@ from callbacks import PersonalizationCheck
 from datamodules import ShardDataModule
 from pva.data.writer import build_shards
 from pva.module import PVAModule
+from pva.objective import denoising_loss
 from pva.tiny import tiny_pva_config
 
 
@@ -254,14 +255,14 @@ def test_personalization_check_restores_weights_optimizer_and_rng(
 
 
 def test_nonfinite_loss_stops_with_the_step_or_is_skipped(tiny_assets, train_shards, tmp_path):
-    def nan_loss(self, *args, **kwargs):
+    def nan_loss(*args, **kwargs):
         return torch.tensor(float("nan"), requires_grad=True)
 
     dm = ShardDataModule(str(train_shards), batch_size=2, samples_per_epoch=8, num_workers=0)
     kw = dict(pva=tiny_pva_config(face_crop="none"), batch_size=2, timestep_draws=1)
     module = PVAModule(str(tiny_assets.backbone), str(tiny_assets.face_model), **kw)
     module.configure_model()
-    module.model.training_loss = nan_loss.__get__(module.model)
+    module.objective = nan_loss
     trainer = L.Trainer(
         max_steps=2,
         accelerator="cpu",
@@ -279,7 +280,7 @@ def test_nonfinite_loss_stops_with_the_step_or_is_skipped(tiny_assets, train_sha
     )
     skipper.configure_model()
     before = {k: v.clone() for k, v in skipper.model.adapter_state_dict().items()}
-    skipper.model.training_loss = nan_loss.__get__(skipper.model)
+    skipper.objective = nan_loss
     trainer = L.Trainer(
         max_steps=2,
         limit_train_batches=3,
@@ -346,15 +347,15 @@ def test_cache_encodings_matches_the_encoders_and_skips_them_once_cached(tiny_as
             cached["reference_embeddings"][valid], emb[valid], rtol=1e-4, atol=1e-5
         )
         torch.manual_seed(1)
-        expected = model.training_loss(batch, 2)
+        expected = denoising_loss(model, batch, 2)
         torch.manual_seed(1)
-        got = model.training_loss(cached, 2)
+        got = denoising_loss(model, cached, 2)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
     keys = {k for b in batches for k in b["image_key"]}
     assert any(k.endswith("/flip") for k in keys) and len(module._moments) == len(keys)
     calls.update(vae=0, face=0)
     for batch in batches:  # everything is cached now: only the masked images are encoded
-        model.training_loss(module.with_cached_encodings(batch), 2)
+        denoising_loss(model, module.with_cached_encodings(batch), 2)
     assert calls == {"vae": len(batches), "face": 0}
     with pytest.raises(ValueError, match="frozen face backbone"):
         PVAModule("b", "f", pva=tiny_pva_config(train_face_backbone=True), cache_encodings=True)

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from pva.objective import denoising_loss
+
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
 """Dense bf16 tensor-core peaks (NVIDIA data sheets; H100 = SXM)."""
 
@@ -128,7 +130,7 @@ def run(
 
     def step() -> None:
         with autocast:
-            loss = model.training_loss(batch, 4)
+            loss = denoising_loss(model, batch, 4)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -1,6 +1,6 @@
 """``pva bench memory``: what each memory option saves on a training step, at SD2 size, on CPU.
 
-One stage-1 training step (PVAModel.training_loss, backward, AdamW step) at 512 px, batch 1 x 1
+One stage-1 training step (the denoising loss, backward, AdamW step) at 512 px, batch 1 x 1
 timestep, 5 references, per option, each in a fresh process so that its peak resident memory
 (``ru_maxrss``) is its own. Options are those of :class:`pva.module.PVAModule`:
 
@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from pva.objective import denoising_loss
 
 OPTIONS = (
     "fp32",
@@ -110,7 +112,7 @@ def measure(option: str, backbone: str, face_model: str, size: int, steps: int =
     for _ in range(steps):
         t0 = time.perf_counter()
         with autocast or nullcontext():
-            loss = model.training_loss(batch, 1, generator=g)
+            loss = denoising_loss(model, batch, 1, generator=g)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

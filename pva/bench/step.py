@@ -15,6 +15,7 @@ import torch
 from pva.backbone import build_tiny_backbone
 from pva.bench.attention import _interleaved_median_ms
 from pva.model import PVAModel
+from pva.objective import denoising_loss
 from pva.tiny import build_tiny_face_model, tiny_pva_config
 
 CONFIGS = {
@@ -66,7 +67,7 @@ def _time_config(name: str, batch_size: int, refs: int, repeats: int) -> dict[st
         opt.zero_grad(set_to_none=True)
 
     def full_step() -> None:
-        loss = model.training_loss(batch, timestep_draws=1)
+        loss = denoising_loss(model, batch, timestep_draws=1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -39,6 +39,8 @@ class DumpRankState(L.Callback):
         """Same seed, same batch: this rank's own gradient, and the DDP-averaged gradient."""
         import torch
 
+        from pva.objective import denoising_loss
+
         params = [p for g in trainer.optimizers[0].param_groups for p in g["params"]]
 
         def flat() -> list[float]:
@@ -48,7 +50,7 @@ class DumpRankState(L.Callback):
         for p in params:
             p.grad = None
         torch.manual_seed(1234)
-        pl_module.model.training_loss(batch, pl_module.hparams.timestep_draws).backward()
+        denoising_loss(pl_module.model, batch, pl_module.hparams.timestep_draws).backward()
         self.state["local_grad"] = flat()  # the unwrapped module: no all-reduce
         for p in params:
             p.grad = None
