@@ -282,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Parallel Visual Attention: identity-preserving face inpainting.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser(
+        "train",
+        add_help=False,
+        help="train PVA with LightningCLI: pva train fit --config configs/stage1.yaml (the same "
+        "as python train.py; pva train fit --help documents every option)",
+    )
 
     q = sub.add_parser(
         "quickstart",
@@ -810,6 +816,11 @@ def main(argv: list[str] | None = None) -> int:
     Errors the user can fix print one line (``pva <command>: error: ...``, exit status 2);
     warnings print as ``pva <command>: warning: ...``, without a source location.
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # LightningCLI parses the rest (fit, --config, --model.*, ...)
+        from pva.training import main as train_main
+
+        return train_main(argv[1:], prog="pva train")
     args = build_parser().parse_args(argv)
     name = f"pva {args.command}"
 

@@ -38,6 +38,7 @@ APPLICATIONS = {
     "pva.evaluate",
     "pva.methods",
     "pva.quickstart",
+    "pva.training",
     "train",
 }
 """Besides ``pva.demo`` and ``pva.bench``; ``pva`` itself re-exports, lazily."""
