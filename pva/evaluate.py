@@ -55,7 +55,7 @@ from pva.checks import (
 )
 from pva.data.masks import EVAL_MASKS
 from pva.data.reader import decode_jpeg
-from pva.fileio import atomic_path, check_record, content_stamp, remove_path
+from pva.fileio import atomic_path, check_record, content_stamp, refuse_file_as_folder, remove_path
 from pva.methods import METHODS
 from pva.metrics import (
     FeatureFn,
@@ -366,7 +366,9 @@ class Evaluator:
             run()
 
 
-def _shards_for_folder(folder: str, shards: Path, split: str, model: PVAModel) -> str:
+def _shards_for_folder(
+    folder: str, shards: Path, split: str, model: PVAModel, stamp: dict | None = None
+) -> str:
     """Build shards of a people folder with every person in ``split``, once per content.
 
     ``shards/source.json`` records what they were built from (the folder's content stamp, the
@@ -378,7 +380,8 @@ def _shards_for_folder(folder: str, shards: Path, split: str, model: PVAModel) -
     fractions = {"test": (0.0, 1.0), "val": (1.0, 0.0)}.get(split)
     if fractions is None:
         raise ValueError(f"a photo folder can be evaluated as split test or val, not {split}")
-    source = {"data": content_stamp(folder), "split": split, "image_size": size}
+    stamp = content_stamp(folder) if stamp is None else stamp  # the caller's, when it has one
+    source = {"data": stamp, "split": split, "image_size": size}
     record = shards / "source.json"
     if (shards / "index.json").is_file() and record.is_file():
         if json.loads(record.read_text()) == json.loads(json.dumps(source)):
@@ -565,8 +568,7 @@ def evaluate(
     if any(METHODS[m].identity or METHODS[m].token for m in methods) and adapter is None:
         raise ValueError("--adapter is required for every method but sd-inpaint")
     out_dir = Path(out)
-    if out_dir.exists() and not out_dir.is_dir() and not overwrite:
-        raise FileExistsError(f"--out '{out_dir}' is a file, not a folder; pass --overwrite")
+    refuse_file_as_folder(out_dir, "--out", overwrite)
     if inception_weights is not None and feature_fn is None:  # fails early, clearly, if absent
         feature_fn = InceptionFeatures(inception_weights, "clean" if paper else "tf1-bilinear")
     clip = None
@@ -644,7 +646,7 @@ def evaluate(
         model = PVAModel.from_paths(backbone, face_model)
     assert model is not None
     if not (Path(data) / "index.json").is_file():
-        data = _shards_for_folder(data, out_dir / "_shards", split, model)
+        data = _shards_for_folder(data, out_dir / "_shards", split, model, inputs["data"])
     dm = ShardDataModule(data, max_refs=num_refs, eval_masks=tuple(masks), num_workers=0)
     stream = dm.stream(split, False)
     stream.rank, stream.world_size = 0, 1

@@ -61,21 +61,29 @@ def remove_path(path: str | os.PathLike) -> None:
         path.unlink()
 
 
+def refuse_file_as_folder(path: str | os.PathLike, flag: str, overwrite: bool) -> None:
+    """Refuse an output folder path that names an existing file, unless ``overwrite``.
+
+    Raises:
+        FileExistsError: ``path`` is a file (or a link to none) and not ``overwrite``.
+    """
+    path = Path(path)
+    if (path.is_symlink() or path.exists()) and not path.is_dir() and not overwrite:
+        raise FileExistsError(
+            f"{flag} '{path}' is a file, not a folder; pass --overwrite to replace it"
+        )
+
+
 def check_output_folder(path: str | os.PathLike, flag: str, overwrite: bool) -> None:
     """Refuse an output folder that already holds something, unless ``overwrite``.
 
     Raises:
         FileExistsError: ``path`` is a file, or a folder that is not empty, and not ``overwrite``.
     """
+    refuse_file_as_folder(path, flag, overwrite)
     path = Path(path)
-    if path.is_symlink() or path.exists():
-        if not path.is_dir():
-            if not overwrite:
-                raise FileExistsError(
-                    f"{flag} '{path}' is a file, not a folder; pass --overwrite to replace it"
-                )
-        elif any(path.iterdir()) and not overwrite:
-            raise FileExistsError(f"{flag} '{path}' exists and is not empty; pass --overwrite")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"{flag} '{path}' exists and is not empty; pass --overwrite")
 
 
 def check_output_file(path: str | os.PathLike, flag: str, overwrite: bool) -> None:

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from pva.fileio import atomic_path, content_stamp, remove_path
+from pva.fileio import atomic_path, content_stamp, refuse_file_as_folder, remove_path
 
 REPO = Path(__file__).resolve().parents[2]
 STAGES = ("models", "data", "train", "personalize", "inpaint", "bench", "evaluate")
@@ -458,8 +458,7 @@ def rehearse(
                 f"source checkout; '{needed}' is missing"
             )
     out = Path(out).resolve()
-    if out.exists() and not out.is_dir() and not overwrite:
-        raise FileExistsError(f"--out '{out}' is a file, not a folder; pass --overwrite")
+    refuse_file_as_folder(out, "--out", overwrite)
     if overwrite and (out.exists() or out.is_symlink()):
         remove_path(out)
     if out.exists() and any(out.iterdir()) and not (out / "rehearsal.json").is_file():

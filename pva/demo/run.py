@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import yaml
 
-from pva.fileio import atomic_path, remove_path
+from pva.fileio import atomic_path, refuse_file_as_folder, remove_path
 
 STAGES = ("data", "stage0", "stage1", "evaluate", "report")
 REPO = Path(__file__).resolve().parents[2]
@@ -812,8 +812,7 @@ def demo(
             )
     if only is not None and only not in STAGES:
         raise ValueError(f"--only must be one of {', '.join(STAGES)}, got {only!r}")
-    if out.exists() and not out.is_dir() and not overwrite:
-        raise FileExistsError(f"--out '{out}' is a file, not a folder; pass --overwrite")
+    refuse_file_as_folder(out, "--out", overwrite)
     if overwrite and (out.exists() or out.is_symlink()):
         remove_path(out)
     if out.exists() and any(out.iterdir()) and not (out / "demo.json").is_file():
