@@ -1,19 +1,21 @@
-"""What ``pva personalize`` and ``pva inpaint`` do (the CLI in :mod:`pva.cli` parses flags)."""
+"""``pva personalize`` and ``pva inpaint`` (:mod:`pva.cli` makes their flags from them)."""
 
 from __future__ import annotations
 
 import time
 import warnings
 from pathlib import Path
+from typing import Literal
 
 import torch
 from PIL import Image
 
 from pva.adapter import read_adapter_header, save_adapter
+from pva.checks import ETA, GUIDANCE, POSITIVE_INT, SEED, Range, check_ranges
 from pva.data.schema import IMAGE_EXTS
 from pva.faces import BadImageError, detect_landmarks, face_centred_crop, load_rgb, region_box
 from pva.fileio import atomic_path, check_output_file
-from pva.personalize import FTVariant, personalized, trainable_for
+from pva.personalize import personalized, trainable_for
 from pva.pipeline import PVAInpaintPipeline, _to_tensor
 
 
@@ -71,24 +73,46 @@ def person_tensors(pipe: PVAInpaintPipeline, files: list[Path], skip_bad: bool) 
     }
 
 
+PERSONALIZE_RANGES = {"steps": POSITIVE_INT, "seed": SEED}
+"""The allowed range of each number of :func:`personalize_cli` (``pva personalize``)."""
+
+
 def personalize_cli(
     adapter: str,
     refs: str,
     out: str,
     steps: int = 40,
-    variant: FTVariant = "pva",
+    variant: Literal["pva", "crossqkv"] = "pva",
     seed: int = 0,
     backbone: str | None = None,
     face_model: str | None = None,
     overwrite: bool = False,
     skip_bad_refs: bool = False,
 ) -> list[Path]:
-    """Personalize ``adapter`` to the person(s) in ``refs``; write one adapter per person.
+    """Fine-tune an adapter to one person (or each person of a folder) in 40 steps.
 
+    METHOD section 7: each reference in turn is the target with its wholeface box mask; the
+    others, each flipped with p=0.5, plus a flipped copy of the last are the references; 2
+    stratified timesteps per step; AdamW lr 1e-5 per timestep draw, 2e-5 per step (token 1e-3).
     ``refs`` is a folder of one person's photos (``out`` is then a file), or a folder of person
     folders (``out`` is then a folder receiving ``<person>.safetensors``). Every person starts
     from the same, bit-identical weights.
+
+    Args:
+        adapter: Adapter ``.safetensors`` (training output).
+        refs: Folder of one person's photos, or of person folders.
+        out: Output ``.safetensors`` (a folder for a folder of persons).
+        steps: Optimizer steps.
+        variant: ``pva``: visual Q/K/V + token (PVA-FT); ``crossqkv``: every cross-attention
+            weight too (Q/K/V and output projection, CrossQKV-FT).
+        seed: Random seed.
+        backbone: SD2-inpainting folder (default: recorded in the adapter).
+        face_model: Conditioning arcface_torch ``.pth`` (default: recorded in the adapter).
+        overwrite: Replace existing ``out`` files.
+        skip_bad_refs: Skip reference photos without a detectable face (default: fail, naming
+            it).
     """
+    check_ranges("--", locals(), PERSONALIZE_RANGES)
     refs_dir, out_path = Path(refs), Path(out)
     if not refs_dir.is_dir():
         raise FileNotFoundError(f"--refs '{refs_dir}' is not a folder")
@@ -142,6 +166,16 @@ def personalize_cli(
     return written
 
 
+INPAINT_RANGES = {
+    "guidance": GUIDANCE,
+    "steps": POSITIVE_INT,
+    "eta": ETA,
+    "seed": SEED,
+    "num_images": Range(1, 64, integer=True),
+}
+"""The allowed range of each number of :func:`inpaint_cli` (``pva inpaint``)."""
+
+
 def inpaint_cli(
     adapter: str,
     image: str,
@@ -149,8 +183,8 @@ def inpaint_cli(
     out: str,
     prompt: str | None = None,
     mask: str | None = None,
-    mask_region: str | None = None,
-    mode: str = "inpaint",
+    mask_region: Literal["lowerface", "eyebrow", "wholeface", "random"] | None = None,
+    mode: Literal["inpaint", "edit"] = "inpaint",
     guidance: float = 6.0,
     steps: int = 100,
     eta: float = 1.0,
@@ -162,7 +196,35 @@ def inpaint_cli(
     overwrite: bool = False,
     skip_bad_refs: bool = False,
 ) -> list[Path]:
-    """Inpaint or edit ``image``; write ``out`` (``out_1.png``... for several images)."""
+    """Inpaint or edit a photo of the person.
+
+    Finds the face, inpaints a face-centred square at the model resolution (grown to hold the
+    mask) with DDIM and one batched classifier-free-guidance UNet call per step, and composites
+    the result back into the photo; writes ``out`` (``out_0.png``, ``out_1.png``... for several
+    images). Give exactly one of ``mask`` and ``mask_region``.
+
+    Args:
+        adapter: Adapter ``.safetensors`` (training or ``pva personalize`` output).
+        image: Photo to fill (any size).
+        refs: Folder of reference photos of the person.
+        out: Output ``.png``.
+        prompt: Prompt (default: photo of a <new1> person, with the adapter's modifier token).
+        mask: Mask image, white = fill, the size of ``image``.
+        mask_region: A mask from dlib landmarks on ``image``.
+        mode: ``inpaint``: identity only in the conditional branch; ``edit``: in both (METHOD 8).
+        guidance: Classifier-free guidance scale (edit: 15-30).
+        steps: DDIM steps.
+        eta: DDIM eta.
+        seed: Random seed.
+        num_images: Outputs.
+        paste_back: Keep every pixel outside the mask equal to the input.
+        backbone: SD2-inpainting folder (default: recorded in the adapter).
+        face_model: Conditioning arcface_torch ``.pth`` (default: recorded in the adapter).
+        overwrite: Replace existing ``out`` files.
+        skip_bad_refs: Skip reference photos without a detectable face (default: fail, naming
+            it).
+    """
+    check_ranges("--", locals(), INPAINT_RANGES)
     if (mask is None) == (mask_region is None):
         raise ValueError("give exactly one of --mask and --mask-region")
     out_path = Path(out)

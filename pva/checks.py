@@ -95,6 +95,8 @@ ETA = Range(0, 1)
 def check_ranges(prefix: str, values: Mapping[str, object], ranges: Mapping[str, Range]) -> None:
     """Check each ``values[name]`` that has a range (``None`` means "unset" and passes).
 
+    A list or tuple is checked item by item.
+
     Args:
         prefix: Prepended to each name in the message: ``"model."``, ``"data."``, or ``"--"``,
             which also writes the name as a flag (``ft_steps`` -> ``--ft-steps``).
@@ -105,4 +107,5 @@ def check_ranges(prefix: str, values: Mapping[str, object], ranges: Mapping[str,
         value = values.get(name)
         if value is not None:
             shown = name.replace("_", "-") if prefix == "--" else name
-            allowed.check(prefix + shown, value)  # type: ignore[arg-type]
+            for item in value if isinstance(value, list | tuple) else (value,):
+                allowed.check(prefix + shown, item)  # type: ignore[arg-type]

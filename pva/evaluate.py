@@ -33,7 +33,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -172,6 +172,7 @@ RANGES = {
     "prior_weight": NONNEGATIVE,
     "ft_lr": POSITIVE,
     "cd_lr": POSITIVE,
+    "cd_eval_steps": POSITIVE_INT,
 }
 """The allowed range of each numeric argument of :func:`evaluate` (and flag of ``pva evaluate``)."""
 
@@ -186,7 +187,8 @@ def _png(path: Path, image: torch.Tensor) -> None:
         Image.fromarray(arr).save(tmp, format="PNG")
 
 
-def _load_png(path: Path) -> torch.Tensor:
+def load_png(path: Path) -> torch.Tensor:
+    """An output image of this protocol, (3, H, W) in [-1, 1]."""
     with Image.open(path) as im:
         arr = np.asarray(im.convert("RGB"), dtype=np.float32)
     return torch.from_numpy(arr / 127.5 - 1.0).permute(2, 0, 1)
@@ -469,13 +471,15 @@ def evaluate(
     prior_weight: float = 1.0,
     cd_eval_steps: Sequence[int] = (),
     ft_lr: float = 1e-5,
-    cd_params: str = "crossattn",
-    protocol: str = "ours",
+    cd_params: Literal["crossattn", "crossattn_kv"] = "crossattn",
+    protocol: Literal["ours", "paper"] = "ours",
     cd_lr: float | None = None,
     overwrite: bool = False,
 ) -> dict:
-    """Run the protocol; returns the results dict also written to ``OUT/results.json``.
+    """The paper's evaluation protocol for PVA and baselines (resumable, shardable).
 
+    Inpaints every test target under each mask per method, runs the editing track, and writes
+    ``results.json``, ``results.md`` and image grids; returns the results.
     ``protocol="paper"`` scores as the authors' figure scripts do and says so in the results:
     identity with the ``recognizer`` ``.pth`` (Glint360K CosFace R100 in the paper) on the
     256 px image (PIL bilinear), crop [35:223, 35:223], pooled to 112, no alignment
@@ -490,7 +494,7 @@ def evaluate(
         data: Shards folder (``pva shards build`` output), or a folder of person folders (shards
             are built into ``OUT/_shards`` at the model resolution, every person in ``split``).
         out: Output folder (resumed when it exists).
-        methods: Names in :data:`pva.methods.METHODS`.
+        methods: Methods to run, names in :data:`pva.methods.METHODS`.
         adapter: PVA adapter (needed by every method but ``sd-inpaint``).
         backbone: SD2-inpainting folder; default: the one recorded in the adapter.
         face_model: Conditioning arcface_torch ``.pth``; default: recorded in the adapter.
@@ -546,8 +550,6 @@ def evaluate(
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     check_ranges("--", locals(), RANGES)
-    for k in cd_eval_steps:
-        POSITIVE_INT.check("--cd-eval-steps", k)
     if shard_index >= num_shards:
         message = f"--shard-index must be below --num-shards ({num_shards})"
         raise ValueError(f"{message}, got {shard_index}")
@@ -766,9 +768,9 @@ def score(
             if not produced.exists():
                 continue
             meta = json.loads(meta_path.read_text())
-            gt = _load_png(meta_path.with_name(stem + ".gt.png"))[None]
-            mask = (_load_png(meta_path.with_name(stem + ".mask.png"))[:1] > 0)[None].float()
-            o = _load_png(produced)[None]
+            gt = load_png(meta_path.with_name(stem + ".gt.png"))[None]
+            mask = (load_png(meta_path.with_name(stem + ".mask.png"))[:1] > 0)[None].float()
+            o = load_png(produced)[None]
             lm = np.array(meta["landmarks"], dtype=np.float32)[None]
             m = per_mask[meta["mask"]]
             for metric in METRICS.values():
@@ -795,7 +797,7 @@ def score(
             ]
             scores = []
             for i in range(0, len(edits), 64):  # bounded memory on the paper's 47k edits
-                imgs = torch.stack([_load_png(p) for p in edits[i : i + 64]])
+                imgs = torch.stack([load_png(p) for p in edits[i : i + 64]])
                 scores.extend(clip(imgs, prompts[i : i + 64]).tolist())
             by_prompt: dict[str, list[float]] = defaultdict(list)
             for prompt, value in zip(prompts, scores):

@@ -20,7 +20,7 @@ from torch import Tensor
 from pva.adapter import load_adapter, save_adapter
 from pva.checks import NONNEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, check_ranges
 from pva.model import PVAConfig, PVAModel
-from pva.objective import DenoisingObjective, fused_adam_ok
+from pva.objective import DenoisingObjective, EncodingCache, fused_adam_ok
 
 MODULE_RANGES = {
     "batch_size": POSITIVE_INT,
@@ -136,8 +136,7 @@ class PVAModule(L.LightningModule):
                 "model.cache_encodings needs a frozen face backbone; it cannot be "
                 "combined with pva.train_face_backbone (stage 2)"
             )
-        self._moments: dict[str, Tensor] = {}  # image key -> (8, h, w) VAE posterior
-        self._embeddings: dict[str, Tensor] = {}  # reference key -> (E,) face embedding
+        self.encodings = EncodingCache()  # cache_encodings: per photo key, on the CPU
 
     # -------------------------------------------------------------------------- building
     def configure_model(self) -> None:
@@ -208,7 +207,7 @@ class PVAModule(L.LightningModule):
         """Epsilon MSE on ``timestep_draws`` stratified timesteps per image."""
         hp = self.hparams
         if hp.cache_encodings:
-            batch = self.with_cached_encodings(batch)
+            batch = self.encodings.fill(self._require_model(), batch)
         loss = self.objective(self._require_model(), batch)
         if not torch.isfinite(loss):
             if hp.nonfinite == "raise":
@@ -234,48 +233,6 @@ class PVAModule(L.LightningModule):
         if batch is not None and "skipped" in batch:
             self._batch_skips += int(batch["skipped"])
         return self._batch_skips
-
-    @torch.no_grad()
-    def with_cached_encodings(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """``batch`` plus ``latent_moments`` and ``reference_embeddings`` from the cache.
-
-        Encodes (in one call per encoder) only what the cache lacks. See ``cache_encodings``.
-        """
-        if "image_key" not in batch or "reference_keys" not in batch:
-            raise KeyError(
-                "model.cache_encodings needs batches with image_key and "
-                "reference_keys (datamodules.ShardDataModule's)"
-            )
-        model = self._require_model()
-        keys: list[str] = list(batch["image_key"])
-        new = [i for i, k in enumerate(keys) if k not in self._moments]
-        if new:
-            moments = model.encode_moments(batch["image"][new])  # (N, 8, h, w)
-            for i, m in zip(new, moments.float().cpu()):
-                self._moments[keys[i]] = m
-        refs: Tensor = batch["references"]  # (B, K, 3, H, W)
-        ref_keys: list[list[str]] = [list(row) for row in batch["reference_keys"]]
-        todo: dict[str, tuple[int, int]] = {}
-        for b, row in enumerate(ref_keys):
-            for j, k in enumerate(row):
-                if k and k not in self._embeddings and k not in todo:
-                    todo[k] = (b, j)
-        if todo:
-            faces = torch.stack([refs[b, j] for b, j in todo.values()])[None]  # (1, N, 3, H, W)
-            emb = model.identity_encoder.embed(faces.to(model.device))[0]  # (N, E)
-            for k, e in zip(todo, emb.float().cpu()):
-                self._embeddings[k] = e
-        dim = next(iter(self._embeddings.values())).shape[0] if self._embeddings else 0
-        embeddings = torch.zeros(refs.shape[0], refs.shape[1], dim)  # (B, K, E), 0 = padding
-        for b, row in enumerate(ref_keys):
-            for j, k in enumerate(row):
-                if k:
-                    embeddings[b, j] = self._embeddings[k]
-        return {
-            **batch,
-            "latent_moments": torch.stack([self._moments[k] for k in keys]),
-            "reference_embeddings": embeddings,
-        }
 
     def setup(self, stage: str) -> None:
         """Refuse ``nonfinite: skip`` under several processes (ranks must step together)."""

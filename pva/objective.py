@@ -1,14 +1,38 @@
 """The training objective, apart from the network (METHOD sections 2 and 6).
 
 :class:`DenoisingObjective` draws the timesteps, drops conditions and takes the epsilon MSE;
-:class:`pva.model.PVAModel` only encodes and predicts noise (:meth:`PVAModel.predict_noise`).
+:class:`EncodingCache` keeps what the frozen encoders made of each input, so that training
+(``model.cache_encodings``) and fine-tuning (:func:`pva.personalize.personalized`) run them once
+per input; :class:`pva.model.PVAModel` only encodes and predicts noise
+(:meth:`PVAModel.predict_noise`).
+
+A training batch (what :class:`DenoisingObjective` takes, and what
+:class:`datamodules.ShardDataModule`, :class:`datamodules.PersonPhotosDataModule` and the
+fine-tuning loop make) is a dict:
+
+==========================  =====================================================================
+``image``                   (B, 3, H, W) in [-1, 1], the targets
+``mask``                    (B, 1, H, W), 1 = the hole to fill
+``references``              (B, K, 3, h, w) in [-1, 1], faces of the same person
+``prompt``                  list of B strings (``photo of a <new1> person``)
+``reference_mask``          optional (B, K) bool, ``False`` = padding (fewer than K references)
+``image_key``               optional list of B strings naming the target's pixels (flip included)
+``reference_keys``          optional (B, K) strings naming each reference's pixels, ``""`` = padding
+``latent_moments``          optional (B, 8, H/8, W/8): the VAE posterior of ``image``
+``masked_moments``          optional (B, 8, H/8, W/8): the VAE posterior of the masked image
+``reference_embeddings``    optional (B, K, E): the frozen face backbone's embeddings
+``identity_tokens``         optional (B, n_id, D): the identity encoder's tokens
+==========================  =====================================================================
+
+The keyed entries let :class:`EncodingCache` fill in the optional encodings; a batch may carry
+more (``landmarks``, ``person``, ``skipped``) for callbacks and logging.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +104,82 @@ def fused_adam_ok(params: Iterable[Tensor | dict]) -> bool:
     return bool(tensors) and all(
         t.is_floating_point() and t.device.type in ("cpu", "cuda") for t in tensors
     )
+
+
+class EncodingCache:
+    """What the frozen encoders made of each input, computed once per key and reused.
+
+    The VAE and a frozen face backbone are deterministic, so their outputs for the same pixels
+    never change: the VAE posterior moments of a photo (latents are still drawn from them every
+    step, so the loss stays the same random variable) and the face embedding of a reference
+    (the identity projection still runs every step). A key names pixels: a photo and its mirror
+    image are different keys, and a key is never reused for other pixels. Each call encodes
+    the keys it lacks in one encoder call; callers choose the batching.
+
+    Args:
+        device: Where the outputs are kept (``"cpu"``: off the accelerator, as training keeps
+            one per photo of the dataset).
+    """
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.moments: dict[Hashable, Tensor] = {}  # key -> (8, h, w) VAE posterior, fp32
+        self.embeddings: dict[Hashable, Tensor] = {}  # key -> (E,) face embedding, fp32
+
+    def __len__(self) -> int:
+        return len(self.moments) + len(self.embeddings)
+
+    def _keep(self, x: Tensor) -> Tensor:
+        return x.detach().to(self.device, torch.float32)
+
+    @torch.no_grad()
+    def encode_moments(self, model: PVAModel, keys: Sequence[Hashable], images: Tensor) -> Tensor:
+        """(B, 8, h, w) posterior moments of ``images`` (B, 3, H, W), keyed by ``keys``."""
+        new = [i for i, k in enumerate(keys) if k not in self.moments]
+        if new:
+            moments = model.encode_moments(images[new])  # (N, 8, h, w)
+            for i, m in zip(new, moments):
+                self.moments[keys[i]] = self._keep(m)
+        return torch.stack([self.moments[k] for k in keys])
+
+    @torch.no_grad()
+    def embed_faces(self, model: PVAModel, keys: Sequence[Hashable], faces: Tensor) -> Tensor:
+        """(N, E) frozen face-backbone embeddings of ``faces`` (N, 3, h, w), keyed by ``keys``."""
+        todo: dict[Hashable, int] = {}
+        for i, k in enumerate(keys):
+            if k not in self.embeddings and k not in todo:
+                todo[k] = i
+        if todo:
+            picked = faces[list(todo.values())][None]  # (1, M, 3, h, w)
+            emb = model.identity_encoder.embed(picked)[0]  # (M, E)
+            for k, e in zip(todo, emb):
+                self.embeddings[k] = self._keep(e)
+        return torch.stack([self.embeddings[k] for k in keys])
+
+    def fill(self, model: PVAModel, batch: dict[str, Any]) -> dict[str, Any]:
+        """``batch`` plus ``latent_moments`` and ``reference_embeddings`` (the module docstring).
+
+        Needs ``image_key`` and ``reference_keys``; padding references (key ``""``) get zero
+        embeddings. Encodes, in one call per encoder, only what the cache lacks.
+        """
+        if "image_key" not in batch or "reference_keys" not in batch:
+            raise KeyError(
+                "model.cache_encodings needs batches with image_key and "
+                "reference_keys (datamodules.ShardDataModule's)"
+            )
+        keys: list[str] = list(batch["image_key"])
+        moments = self.encode_moments(model, keys, batch["image"])  # (B, 8, h, w)
+        refs: Tensor = batch["references"]  # (B, K, 3, H, W)
+        ref_keys = [list(row) for row in batch["reference_keys"]]
+        where = [(b, j) for b, row in enumerate(ref_keys) for j, k in enumerate(row) if k]
+        embeddings = torch.zeros(refs.shape[0], refs.shape[1], 0)  # (B, K, E), 0 = padding
+        if where:
+            faces = torch.stack([refs[b, j] for b, j in where]).to(model.device)  # (N, 3, H, W)
+            emb = self.embed_faces(model, [ref_keys[b][j] for b, j in where], faces)  # (N, E)
+            embeddings = emb.new_zeros(refs.shape[0], refs.shape[1], emb.shape[1])
+            for (b, j), e in zip(where, emb):
+                embeddings[b, j] = e
+        return {**batch, "latent_moments": moments, "reference_embeddings": embeddings}
 
 
 @dataclass

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from pva.attention import identity_processors
 from pva.model import PVAModel
-from pva.objective import denoising_loss, fused_adam_ok
+from pva.objective import EncodingCache, denoising_loss, fused_adam_ok
 from pva.prompts import conditional_prompt
 
 FTVariant = Literal["pva", "crossqkv", "custom-diffusion", "custom-diffusion-kv"]
@@ -92,26 +92,21 @@ def _identity_tokens(
     model: PVAModel,
     references: Tensor,
     refs: list[tuple[int, bool]],
-    cache: dict[tuple[int, bool], Tensor],
-    reuse: bool,
+    cache: EncodingCache,
 ) -> Tensor:
     """(1, n_id, D) identity tokens of ``refs`` (``(photo, flipped)`` pairs).
 
     Each reference is embedded on its own (so a reused embedding is bit-identical to a fresh
-    one) and, with ``reuse``, kept in ``cache``; the projection then runs on the K embeddings.
+    one) through ``cache``; the projection then runs on the K embeddings.
     """
-    encoder = model.identity_encoder
-    dtype = next(encoder.projection.parameters()).dtype
+    dtype = next(model.identity_encoder.projection.parameters()).dtype
     embeddings = []
     for i, flipped in refs:
-        emb = cache.get((i, flipped)) if reuse else None
-        if emb is None:
-            photo = references[i].flip(-1) if flipped else references[i]  # (3, R, R)
-            emb = encoder.embed(photo[None, None].to(model.device, dtype))[0, 0]  # (E,)
-            if reuse:
-                cache[i, flipped] = emb
-        embeddings.append(emb)
-    return encoder.projection(torch.stack(embeddings)[None])  # (1, n_id, D)
+        photo = references[i].flip(-1) if flipped else references[i]  # (3, R, R)
+        photo = photo[None].to(model.device, dtype)  # (1, 3, R, R)
+        embeddings.append(cache.embed_faces(model, [(i, flipped)], photo)[0])  # (E,)
+    emb = torch.stack(embeddings)[None].to(model.device, dtype)  # (1, K, E)
+    return model.identity_encoder.projection(emb)  # (1, n_id, D)
 
 
 @contextmanager
@@ -220,8 +215,7 @@ def personalized(
                 iterator = tqdm(iterator, desc="personalize", unit="step", leave=False)
             size = images.shape[-1]
             no_identity = variant.startswith("custom-diffusion")  # trains without identity tokens
-            moments: dict[tuple[int, bool], tuple[Tensor, Tensor]] = {}  # (t, flip) -> 2x (8,h,w)
-            embeddings: dict[tuple[int, bool], Tensor] = {}  # (photo, flip) -> (E,)
+            cache = EncodingCache(device)  # (photo, flip) -> moments, (E,) embedding
             for step in iterator:
                 targets = [(step * batch_size + b) % n for b in range(batch_size)]
                 batch_images, batch_masks, batch_refs, keys = [], [], [], []
@@ -241,22 +235,19 @@ def personalized(
                     "mask": torch.stack(batch_masks),
                     "prompt": [conditional_prompt(model.modifier_token.token)] * batch_size,
                 }
+                if not reuse_encodings:
+                    cache = EncodingCache(device)  # a fresh one each step: nothing reused
                 with torch.no_grad():
                     if reuse_encodings:
+                        latent, masked = [], []
                         for (t, flip), image, mask in zip(keys, batch_images, batch_masks):
-                            if (t, flip) not in moments:
-                                masked = (image * (mask < 0.5))[None]  # (1, 3, S, S)
-                                moments[t, flip] = (
-                                    model.encode_moments(image[None])[0],
-                                    model.encode_moments(masked)[0],
-                                )
-                        batch["latent_moments"] = torch.stack([moments[k][0] for k in keys])
-                        batch["masked_moments"] = torch.stack([moments[k][1] for k in keys])
+                            hole = (image * (mask < 0.5))[None]  # (1, 3, S, S)
+                            latent.append(cache.encode_moments(model, [(t, flip)], image[None]))
+                            masked.append(cache.encode_moments(model, [(t, flip, "masked")], hole))
+                        batch["latent_moments"] = torch.cat(latent)  # (B, 8, h, w)
+                        batch["masked_moments"] = torch.cat(masked)  # (B, 8, h, w)
                     if not no_identity:  # frozen encoder: no gradient, nothing to train there
-                        tokens = [
-                            _identity_tokens(model, references, r, embeddings, reuse_encodings)
-                            for r in batch_refs
-                        ]
+                        tokens = [_identity_tokens(model, references, r, cache) for r in batch_refs]
                         batch["identity_tokens"] = torch.cat(tokens)  # (B, n_id, D)
                 loss = denoising_loss(
                     model, batch, timestep_draws, identity_dropout=float(no_identity), generator=gen

@@ -20,6 +20,7 @@ from torch import Tensor
 from callbacks.adapter_export import AdapterExport
 from datamodules.photos import PersonPhotosDataModule, centre_mask
 from pva.adapter import load_adapter
+from pva.checks import GUIDANCE, POSITIVE_INT, SEED, Range, check_ranges
 from pva.fileio import check_output_folder, remove_path
 from pva.model import PVAModel
 from pva.module import PVAModule
@@ -45,6 +46,16 @@ def _grid(rows: list[list[Tensor]]) -> Image.Image:
     return Image.fromarray(arr.permute(1, 2, 0).numpy())
 
 
+QUICKSTART_RANGES = {
+    "steps": POSITIVE_INT,
+    "image_size": Range(16, integer=True, multiple_of=16),
+    "sample_steps": POSITIVE_INT,
+    "guidance": GUIDANCE,
+    "seed": SEED,
+}
+"""The allowed range of each number of :func:`quickstart` (``pva quickstart``)."""
+
+
 def quickstart(
     out: str | Path = "quickstart_out",
     steps: int = 40,
@@ -55,13 +66,19 @@ def quickstart(
     seed: int = 0,
     overwrite: bool = False,
 ) -> dict:
-    """Run the end-to-end path and write ``out/{adapter.safetensors,inpainted.png,logs/}``.
+    """Train, save, reload and sample PVA end to end on a tiny random backbone (CPU).
+
+    Writes a tiny random SD2-inpainting backbone and ArcFace checkpoint, trains the PVA pathway
+    with Lightning, exports and reloads the adapter, and inpaints a photo:
+    ``out/{adapter.safetensors,inpainted.png,logs/}``. No downloads; about a minute on 2 CPU
+    cores.
 
     Args:
         out: Output folder (refused if it exists and is not empty, unless ``overwrite``).
         steps: Training steps.
         photos: Folder of photos of one person; default: an embedded portrait.
-        image_size: Training/inpainting resolution (the tiny VAE downsamples by 4).
+        image_size: Training/inpainting resolution, a multiple of 16 (the tiny VAE downsamples
+            by 4).
         sample_steps: DDIM steps for the final inpainting.
         guidance: Classifier-free guidance scale.
         seed: Global seed.
@@ -70,6 +87,7 @@ def quickstart(
     Returns:
         A summary: first and last training loss, paths written, seconds taken.
     """
+    check_ranges("--", locals(), QUICKSTART_RANGES)
     t0 = time.time()
     out = Path(out)
     check_output_folder(out, "--out", overwrite)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from pva.backbone import build_tiny_backbone
+from pva.checks import SEED, check_ranges
 from pva.identity import IResNet, save_iresnet
 from pva.model import PVAConfig
 
@@ -38,11 +39,21 @@ class TinyAssets:
     face_model: Path
 
 
-def write_tiny_assets(folder: str | os.PathLike, seed: int = 0) -> TinyAssets:
-    """Write ``folder/backbone`` (diffusers SD2-inpainting layout) and ``folder/face_r_tiny.pth``.
+TINY_RANGES = {"seed": SEED}
+"""The allowed range of each number of :func:`write_tiny_assets` (``pva tiny-assets``)."""
 
-    Existing assets in ``folder`` are reused as they are.
+
+def write_tiny_assets(folder: str | os.PathLike = "runs/tiny_assets", seed: int = 0) -> TinyAssets:
+    """Write a tiny random SD2-inpainting folder and ArcFace ``.pth`` (for configs/tiny.yaml).
+
+    ``folder/backbone`` has the diffusers SD2-inpainting layout; ``folder/face_r_tiny.pth`` is
+    an arcface_torch IResNet. Existing assets in ``folder`` are reused as they are.
+
+    Args:
+        folder: Output folder.
+        seed: Seed of the random weights.
     """
+    check_ranges("--", locals(), TINY_RANGES)
     folder = Path(folder)
     assets = TinyAssets(folder / "backbone", folder / "face_r_tiny.pth")
     if not (assets.backbone / "model_index.json").is_file():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,3 +60,23 @@ def make_batch(batch_size: int = 2, num_refs: int = 3, size: int = 64, seed: int
         "references": torch.rand(batch_size, num_refs, 3, size, size, generator=g) * 2 - 1,
         "prompt": ["photo of a <new1> person"] * batch_size,
     }
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory):
+    """``pva demo --quick`` run once (tests of the demo and of the probes read it)."""
+    out = tmp_path_factory.mktemp("demo") / "demo_out"
+    cmd = [sys.executable, "-m", "pva.cli", "demo", "--quick", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+@pytest.fixture(scope="session")
+def rehearsal(tmp_path_factory):
+    """``pva rehearse --size tiny`` run once (tests of the rehearsal and the memory bench)."""
+    out = tmp_path_factory.mktemp("rehearse") / "out"
+    cmd = [sys.executable, "-m", "pva.cli", "rehearse", "--size", "tiny", "--out", str(out)]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return out, res.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import collections.abc
 import dataclasses
 import inspect
 import math
@@ -15,6 +16,7 @@ import pytest
 import yaml
 from conftest import REPO
 
+from benchmarks import BENCHMARKS
 from callbacks.crash import SimulatedCrash
 from callbacks.identity import (
     PERSONALIZATION_RANGES,
@@ -25,7 +27,7 @@ from callbacks.identity import (
 from datamodules.photos import PHOTOS_RANGES, PersonPhotosDataModule
 from datamodules.shards import DATA_RANGES, ShardDataModule
 from pva.checks import POSITIVE, POSITIVE_INT, Range, RangeError
-from pva.cli import build_parser, main
+from pva.cli import COMMANDS, build_parser, main, run
 from pva.data.writer import BUILD_RANGES, build_shards
 from pva.evaluate import RANGES as EVALUATE_RANGES
 from pva.evaluate import evaluate
@@ -58,57 +60,73 @@ def _subparsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
         yield path, parser
 
 
+PROGRAMS = {"pva": (COMMANDS, main), "python -m benchmarks": (BENCHMARKS, None)}
+"""Both generated command lines: the ``pva`` command and ``python -m benchmarks``."""
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    return build_parser(PROGRAMS[prog][0], prog=prog)
+
+
+def _main(prog: str, argv: list[str]) -> int:
+    entry = PROGRAMS[prog][1]
+    return entry(argv) if entry else run(argv, PROGRAMS[prog][0], prog=prog)
+
+
 def _numeric_flags():
-    """(command path, flag, Range) for every flag of every command that takes numbers."""
+    """(program, command path, flag, Range) for every flag of every command taking numbers."""
     found = []
-    for path, parser in _subparsers(build_parser()):
-        for action in parser._actions:
-            assert action.type not in (int, float), f"pva {' '.join(path)} {action.option_strings}"
-            kind = action.type
-            allowed = getattr(kind, "__self__", None) or getattr(kind, "allowed", None)
-            if isinstance(allowed, Range):
-                found.append((path, action.option_strings[0], allowed))
+    for prog in PROGRAMS:
+        for path, parser in _subparsers(_parser(prog)):
+            for action in parser._actions:
+                assert action.type not in (int, float), f"{prog} {' '.join(path)} {action}"
+                kind = action.type
+                allowed = getattr(kind, "__self__", None) or getattr(kind, "allowed", None)
+                if isinstance(allowed, Range):
+                    found.append((prog, path, action.option_strings[0], allowed))
     return found
 
 
 def test_the_walk_finds_the_flags_the_issue_names():
-    flags = {(" ".join(p), f) for p, f, _ in _numeric_flags()}
+    flags = {(prog, " ".join(p), f) for prog, p, f, _ in _numeric_flags()}
     assert {
-        ("inpaint", "--steps"),
-        ("inpaint", "--num-images"),
-        ("inpaint", "--guidance"),
-        ("evaluate", "--cd-eval-steps"),
-        ("shards build", "--val-fraction"),
-        ("bench text-use", "--guidance"),
-        ("quickstart", "--image-size"),
+        ("pva", "inpaint", "--steps"),
+        ("pva", "inpaint", "--num-images"),
+        ("pva", "inpaint", "--guidance"),
+        ("pva", "evaluate", "--cd-eval-steps"),
+        ("pva", "shards build", "--val-fraction"),
+        ("python -m benchmarks", "text-use", "--guidance"),
+        ("pva", "quickstart", "--image-size"),
     } <= flags
     assert len(flags) > 50
 
 
 @pytest.mark.parametrize(
-    "path,flag,allowed", _numeric_flags(), ids=[f"{'-'.join(p)}{f}" for p, f, _ in _numeric_flags()]
+    "prog,path,flag,allowed",
+    _numeric_flags(),
+    ids=[f"{prog.split()[-1]}-{'-'.join(p)}{f}" for prog, p, f, _ in _numeric_flags()],
 )
 def test_every_numeric_flag_refuses_0_minus_1_nan_and_inf_outside_its_range(
-    path, flag, allowed, capsys
+    prog, path, flag, allowed, capsys
 ):
     for text in BAD:
         value = int(text) if allowed.integer and text in ("0", "-1") else float(text)
         ok = allowed.contains(value) and not (allowed.integer and text in ("nan", "inf"))
         if ok:  # accepted by the flag (the command may still miss its required flags)
-            with pytest.raises(SystemExit) if _has_required(path) else _nothing():
-                build_parser().parse_args([*path, flag, text])
+            with pytest.raises(SystemExit) if _has_required(prog, path) else _nothing():
+                _parser(prog).parse_args([*path, flag, text])
             assert f"argument {flag}" not in capsys.readouterr().err
             continue
-        with pytest.raises(SystemExit) as exit_info:  # through main(), as the console script
-            main([*path, flag, text])
+        with pytest.raises(SystemExit) as exit_info:  # through the entry point, as a user
+            _main(prog, [*path, flag, text])
         assert exit_info.value.code == 2
         last = capsys.readouterr().err.strip().splitlines()[-1]
-        assert last.startswith(f"pva {' '.join(path)}: error: argument {flag}"), last
+        assert last.startswith(f"{prog} {' '.join(path)}: error: argument {flag}"), last
         assert allowed.describe() in last and repr(text) in last, last
 
 
-def _has_required(path: tuple[str, ...]) -> bool:
-    parser = dict(_subparsers(build_parser()))[path]
+def _has_required(prog: str, path: tuple[str, ...]) -> bool:
+    parser = dict(_subparsers(_parser(prog)))[path]
     return any(a.required for a in parser._actions)
 
 
@@ -164,6 +182,8 @@ def _numeric_params(fn) -> list[str]:
     for name, hint in hints.items():
         union = typing.get_origin(hint) in (typing.Union, types.UnionType)
         args = set(typing.get_args(hint)) if union else {hint}
+        if typing.get_origin(hint) in (collections.abc.Sequence, list, tuple):
+            args = set(typing.get_args(hint))  # a list of numbers: each is checked
         if name != "return" and args & {int, float}:
             names.append(name)
     return names

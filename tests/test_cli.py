@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Literal
 
+import pytest
 import torch
 import yaml
 from conftest import REPO
@@ -59,22 +62,6 @@ def test_quickstart_rejects_a_missing_photo_folder(tmp_path):
         str(tmp_path / "nowhere"),
     )
     assert res.returncode == 2 and "nowhere" in res.stderr and "does not exist" in res.stderr
-
-
-def test_bench_attention_prints_its_table():
-    res = _run(sys.executable, "-m", "pva.cli", "bench", "attention", "--small", "--repeats", "1")
-    assert res.returncode == 0, res.stderr[-3000:]
-    for needle in (
-        "PVA reference",
-        "PVA fused",
-        "stock (text only)",
-        "attn2 layers",
-        "trainable params, stage 1",
-        "FLOP overhead",
-    ):
-        assert needle in res.stdout
-    line = next(x for x in res.stdout.splitlines() if x.strip().startswith("attn2 layers"))
-    assert line.split()[-1] == "16"  # SD2 has 16 cross-attention layers
 
 
 def test_every_shipped_config_parses_through_the_cli(tmp_path):
@@ -135,7 +122,7 @@ def test_photo_datamodule_reads_a_real_person_folder():
     assert all(p.shape == (3, 64, 64) and torch.isfinite(p).all() for p in dm.dataset.photos)
 
 
-def test_shards_build_cli_and_bench_data(tmp_path):
+def test_shards_build_cli(tmp_path):
     people = tmp_path / "people"
     people.mkdir()
     for name in ("deepface/id02_img3", "photomaker/yangmi_woman"):
@@ -172,61 +159,6 @@ def test_shards_build_cli_and_bench_data(tmp_path):
         str(tmp_path / "x"),
     )
     assert missing.returncode == 2 and "nope" in missing.stderr
-    root = tmp_path / "faces"  # the bench's layout: <root>/<source>/<person>/
-    root.mkdir()
-    (root / "src").symlink_to(people)
-    bench = _run(
-        sys.executable,
-        "-m",
-        "pva.cli",
-        "bench",
-        "data",
-        "--photos",
-        str(root),
-        "--image-size",
-        "128",
-        "--refs",
-        "2",
-        "--samples",
-        "4",
-        "--build-workers",
-        "1",
-    )
-    assert bench.returncode == 0, bench.stderr[-3000:]
-    assert "ratio (ours / naive)" in bench.stdout and "workers one GPU needs" in bench.stdout
-
-
-def test_bench_step_prints_both_configurations():
-    res = _run(sys.executable, "-m", "pva.cli", "bench", "step", "--repeats", "1", "--refs", "2")
-    assert res.returncode == 0, res.stderr[-3000:]
-    for needle in ("tiny:", "mid:", "base UNet fwd+bwd", "PVA UNet fwd+bwd", "full PVA step"):
-        assert needle in res.stdout
-
-
-def test_bench_sample_prints_both_tables():
-    res = _run(
-        sys.executable,
-        "-m",
-        "pva.cli",
-        "bench",
-        "sample",
-        "--short",
-        "1",
-        "--long",
-        "2",
-        "--cd-steps",
-        "3",
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    for needle in (
-        "PVA, batched CFG",
-        "StableDiffusionInpaintPipeline",
-        "PVA-FT (METHOD 7)",
-        "Custom-Diffusion-style",
-    ):
-        assert needle in res.stdout
-    rows = [line for line in res.stdout.splitlines() if "PVA-FT" in line or "Custom-Diff" in line]
-    assert len(rows) == 4 and sum("reused" in r for r in rows) == 2  # each method, both ways
 
 
 def test_an_output_folder_given_as_an_existing_file(tmp_path, capsys):
@@ -281,3 +213,81 @@ def test_pva_train_is_train_py(tiny_assets, tmp_path):
     assert bad.stderr.strip().splitlines()[-1] == (
         "pva train: error: model.lr_pva must be a finite number > 0, got nan"
     )
+
+
+def test_every_command_is_generated_from_its_function_and_docstring():
+    import inspect
+
+    import docstring_parser
+
+    from pva.cli import COMMANDS, _plain, build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for command in COMMANDS:
+        sub = subparsers
+        for word in command.name.split()[:-1]:
+            group = sub.choices[word]
+            sub = next(a for a in group._actions if isinstance(a, argparse._SubParsersAction))
+        cmd_parser = sub.choices[command.name.split()[-1]]
+        fn = command.function()
+        docs = {p.arg_name: p.description for p in docstring_parser.parse(fn.__doc__).params}
+        by_dest = {a.dest: a for a in cmd_parser._actions}
+        for name, param in inspect.signature(fn).parameters.items():
+            if name in command.hidden:
+                assert name not in by_dest
+                continue
+            action = by_dest[name]  # every parameter is a flag (or a positional)
+            first_words = _plain(docs[name]).split()[:2]
+            assert all(w.strip(".") in action.help for w in first_words), (command.name, name)
+            if param.default is not inspect.Parameter.empty:
+                assert action.default == param.default, (command.name, name)
+            else:
+                assert action.required or not action.option_strings, (command.name, name)
+
+
+def test_a_new_command_is_one_function(tmp_path, capsys, monkeypatch):
+    import types
+
+    from pva.checks import POSITIVE_INT, Range
+    from pva.cli import Command, run
+
+    module = types.ModuleType("dummy_commands")
+
+    def greet(
+        name: str,
+        times: int = 2,
+        style: Literal["plain", "loud"] = "plain",
+        scales: tuple[float, ...] = (1.0,),
+        dry_run: bool = False,
+    ) -> str:
+        """Say hello.
+
+        Args:
+            name: Who to greet.
+            times: How often.
+            style: How.
+            scales: Scales to list.
+            dry_run: Print nothing.
+        """
+        text = (f"hello {name} " * times).strip()
+        if not dry_run:
+            print(text.upper() if style == "loud" else text, scales)
+        return text
+
+    module.greet = greet
+    module.RANGES = {"times": POSITIVE_INT, "scales": Range(0, 10)}
+    monkeypatch.setitem(sys.modules, "dummy_commands", module)
+    commands = [Command("greet", "dummy_commands:greet", "dummy_commands:RANGES")]
+    argv = ["greet", "--name", "ada", "--times", "1", "--style", "loud", "--scales", "1,2.5"]
+    assert run(argv, commands, prog="demo-tool") == 0
+    assert capsys.readouterr().out.strip() == "HELLO ADA (1.0, 2.5)"
+    with pytest.raises(SystemExit):
+        run(["greet", "--name", "ada", "--times", "0"], commands, prog="demo-tool")
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == "demo-tool greet: error: argument --times: must be an integer >= 1, got '0'"
+    with pytest.raises(SystemExit):
+        run(["greet", "--help"], commands, prog="demo-tool")
+    help_text = capsys.readouterr().out
+    assert "Say hello." in help_text and "Who to greet." in help_text
+    assert "How often (default: 2)." in help_text and "--dry-run" in help_text

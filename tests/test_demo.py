@@ -129,15 +129,6 @@ def test_hidden_attributes_are_not_recoverable_from_the_context(attribute):
     assert acc_ctx < chance + 0.15, acc_ctx
 
 
-@pytest.fixture(scope="module")
-def quick_demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "demo_out"
-    cmd = [sys.executable, "-m", "pva.cli", "demo", "--quick", "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc
-
-
 def test_quick_demo_runs_every_stage_and_reports(quick_demo):
     from pva.demo.run import QUICK, _label, cd_rows, method_rows
 
@@ -294,65 +285,6 @@ def test_stand_in_unet_min_snr_weighting():
     assert any(not torch.equal(plain[k], weighted[k]) for k in plain)
     with pytest.raises(ValueError, match="min_snr_gamma"):
         train_backbone(vae, photos, steps=1, min_snr_gamma=-1.0, progress=False)
-
-
-def test_text_use_benchmark_on_the_quick_demo(quick_demo):
-    from pva.bench.textuse import REGIONS as BOXES
-    from pva.bench.textuse import text_use
-
-    out, _ = quick_demo
-    res = text_use(out, persons=2, photos_per_person=1, guidance=(1.0,), steps=2)
-    # a fresh text encoder's tokens differ across positions and between the two prompts
-    assert res["spread_init"]["across_positions"] > 0.1
-    assert res["spread_init"]["caption_vs_plain"] > 0.1
-    assert res["spread"]["caption_vs_plain"] > 0.0
-    row = res["guidance"][1.0]
-    for r in row.values():
-        assert set(r["identity"]) == set(BOXES)
-        assert all(-1.0 <= v <= 1.0 for v in r["identity"].values())
-        assert 0.0 < r["masked_error"] < 1.0
-    # the caption reaches the UNet: the fills differ from the plain prompt's
-    assert row["caption"]["masked_error"] != row["plain"]["masked_error"]
-    with pytest.raises(FileNotFoundError, match="is missing"):
-        text_use(out / "models", persons=1)
-
-
-def test_headroom_benchmark_on_the_quick_demo(quick_demo):
-    from pva.bench.headroom import BACKBONE_SAME_NOISE, FILLS, ORACLE, SAME_NOISE, headroom
-
-    out, _ = quick_demo
-    res = headroom(out, draws=1, oracle_steps=2, ddim_steps=2)
-    # the generator re-creates every evaluation target exactly as the shards hold it
-    assert res["rerender_error"] < 0.005
-    identity = res["identity"]
-    rows = {"sd-inpaint", "pva", "pva-ft40", ORACLE, SAME_NOISE, BACKBONE_SAME_NOISE, *FILLS}
-    assert rows <= set(identity)
-    masks = set(res["n"])
-    assert masks == {"lowerface", "eyebrow", "wholeface", "random"}
-    for name, per in identity.items():
-        assert set(per) == masks, name
-        assert all(-1.0 <= v <= 1.0 + 1e-5 for v in per.values()), name
-    assert min(identity["rerender"].values()) > 0.999
-    # another person's hidden attributes under the whole-face box change what the scorer sees
-    assert identity["wrong hidden"]["wholeface"] < 0.999
-    # the oracle row's tokens come from the attributes, not the photos: other fills
-    assert identity[ORACLE] != identity[SAME_NOISE]
-    with pytest.raises(FileNotFoundError, match="holds no targets"):
-        headroom(out, eval_dir=out / "models")
-
-
-def test_attribute_embedding_marks_each_attribute_once():
-    import torch
-
-    from pva.bench.headroom import attribute_embedding
-    from pva.demo.generator import ATTRIBUTES, sample_person
-
-    a, b = (sample_person(0, i).names() for i in (0, 1))
-    ea, eb = attribute_embedding(a, 64), attribute_embedding(b, 64)
-    assert ea.shape == (64,) and int((ea > 0).sum()) == len(ATTRIBUTES)
-    assert not torch.equal(ea, eb) and not ea[48:].any()
-    with pytest.raises(ValueError, match="needs 48 values"):
-        attribute_embedding(a, 32)
 
 
 def test_stand_in_text_encoder_trains_at_its_own_rate_or_stays_frozen():

@@ -39,9 +39,12 @@ APPLICATIONS = {
     "pva.methods",
     "pva.quickstart",
     "pva.training",
+    "pva.rehearse",
     "train",
 }
-"""Besides ``pva.demo`` and ``pva.bench``; ``pva`` itself re-exports, lazily."""
+"""Besides ``pva.demo`` and ``benchmarks``; ``pva`` itself re-exports, lazily."""
+INSTALLED = ("pva", "datamodules", "callbacks")
+"""The installed packages (setup.cfg); ``benchmarks`` and ``train.py`` live only in a clone."""
 NAMES = ("core", "data format", "Lightning layer", "application")
 
 
@@ -53,14 +56,14 @@ def layer(module: str) -> int:
         return 1
     if module in LIGHTNING or module.split(".")[0] in ("datamodules", "callbacks"):
         return 2
-    if module in APPLICATIONS or module.startswith(("pva.demo", "pva.bench")):
+    if module in APPLICATIONS or module.startswith(("pva.demo", "benchmarks")):
         return 3
     raise AssertionError(f"{module} has no layer: add it to tests/test_layers.py")
 
 
 def modules() -> dict[str, Path]:
     found = {"train": REPO / "train.py"}
-    for package in ("pva", "datamodules", "callbacks"):
+    for package in (*INSTALLED, "benchmarks"):
         for path in (REPO / package).rglob("*.py"):
             parts = path.relative_to(REPO).with_suffix("").parts
             found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
@@ -82,7 +85,7 @@ def project_imports(path: Path) -> set[str]:
     return {
         m
         for m in out
-        if m.split(".")[0] in ("pva", "datamodules", "callbacks")
+        if m.split(".")[0] in (*INSTALLED, "benchmarks")
         and (m in known or m.rsplit(".", 1)[0] in known)
     }
 
@@ -98,6 +101,21 @@ def test_every_import_points_down_or_sideways():
                     f"{name} ({NAMES[layer(name)]}) imports {target} ({NAMES[layer(target)]})"
                 )
     assert not wrong, "\n".join(wrong)
+
+
+def test_the_installed_packages_import_nothing_that_is_not_installed():
+    known = modules()
+    wrong = [
+        f"{name} imports {target}"
+        for name, path in sorted(known.items())
+        if name.split(".")[0] in INSTALLED
+        for target in sorted(project_imports(path))
+        if target.split(".")[0] not in INSTALLED
+    ]
+    assert not wrong, "\n".join(wrong)
+    setup = (REPO / "setup.cfg").read_text()
+    packages = setup.split("[options.packages.find]")[1].split("[")[0]
+    assert "benchmarks" not in packages and all(p in packages for p in INSTALLED)
 
 
 def test_the_test_catches_a_wrong_arrow(tmp_path):

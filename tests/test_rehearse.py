@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 import yaml
 from conftest import REPO
 
@@ -16,14 +15,6 @@ def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
     )
-
-
-@pytest.fixture(scope="module")
-def rehearsal(tmp_path_factory):
-    out = tmp_path_factory.mktemp("rehearse") / "out"
-    res = _run("pva.cli", "rehearse", "--size", "tiny", "--out", str(out))
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return out, res.stdout
 
 
 def test_every_stage_runs_the_real_entry_points(rehearsal):
@@ -86,44 +77,3 @@ def test_a_rerun_resumes_and_other_settings_are_refused(rehearsal):
     assert again.returncode == 0 and "== " not in again.stdout  # every stage was done
     other = _run("pva.cli", "rehearse", "--size", "sd2", "--out", str(out))
     assert other.returncode == 2 and "other settings" in other.stderr
-
-
-def test_memory_bench_on_the_rehearsal_models(rehearsal):
-    out, _ = rehearsal
-    res = _run(
-        "pva.cli",
-        "bench",
-        "memory",
-        "--models",
-        str(out / "models"),
-        "--image-size",
-        "64",
-        "--options",
-        "fp32,bf16-frozen+checkpointing",
-    )
-    assert res.returncode == 0, res.stderr[-2000:]
-    rows = [line.split() for line in res.stdout.splitlines() if line.startswith(("fp32", "bf16"))]
-    assert [r[0] for r in rows] == ["fp32", "bf16-frozen+checkpointing"]
-    assert all(float(r[2]) >= float(r[1]) > 0 for r in rows)  # peak >= after loading
-    missing = _run("pva.cli", "bench", "memory", "--models", str(out / "nowhere"))
-    assert missing.returncode == 2 and "pva rehearse" in missing.stderr
-
-
-def test_gpu_script_smoke_run_on_cpu(tmp_path):
-    res = _run(
-        "pva.bench.gpu",
-        "--tiny",
-        "--device",
-        "cpu",
-        "--repeats",
-        "1",
-        "--out",
-        str(tmp_path / "gpu.json"),
-    )
-    assert res.returncode == 0, res.stderr[-2000:]
-    figures = json.loads((tmp_path / "gpu.json").read_text())
-    assert len(figures["train"]) == 5 and figures["flops_per_step"] > 0
-    assert figures["personalize_s"] > 0
-    assert set(figures["ddim_s_per_step"]) == {"pva", "diffusers"}
-    no_gpu = _run("pva.bench.gpu")  # this machine has no CUDA device: one clear line
-    assert no_gpu.returncode != 0 and "no CUDA device" in no_gpu.stderr

@@ -84,7 +84,8 @@ def _safe_key(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "-", text)
 
 
-def _jpeg(array: np.ndarray) -> bytes:
+def encode_jpeg(array: np.ndarray) -> bytes:
+    """An (H, W, 3) uint8 image as the JPEG bytes a shard stores (quality 95)."""
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="JPEG", quality=95)
     return buf.getvalue()
@@ -148,7 +149,12 @@ def process_photo(job: PhotoJob, image_size: int) -> dict:
     }
     if faces > 1:
         entry["faces_detected"] = faces
-    return {"job": job, "entry": entry, "img": _jpeg(crop.image), "face": _jpeg(aligned)}
+    return {
+        "job": job,
+        "entry": entry,
+        "img": encode_jpeg(crop.image),
+        "face": encode_jpeg(aligned),
+    }
 
 
 def _process(args: tuple[PhotoJob, int]) -> dict:
@@ -414,6 +420,7 @@ BUILD_RANGES = {
 
 def build_shards(
     input_dir: str | Path,
+    /,
     out: str | Path,
     source_format: SourceFormat = "auto",
     image_size: int = 512,
@@ -427,12 +434,17 @@ def build_shards(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Build shards and ``index.json``; returns the index.
+    """CelebAHQ-IDI tree or people/<person>/*.jpg -> WebDataset shards + index.json.
+
+    Detects the face (dlib, largest face), its 68 landmarks and region boxes in every photo,
+    stores a face-centred training crop and a 112x112 aligned face, one record per person, and
+    writes index.json with counts and every skipped photo's reason; returns the index.
 
     Args:
         input_dir: A CelebAHQ-IDI root (``image/``, ``annotation/``) or a folder of person folders.
         out: Output folder (refused when non-empty, unless ``overwrite``).
-        source_format: ``auto``, ``celebahq-idi`` or ``people``.
+        source_format: Source layout: a CelebAHQ-IDI tree, a folder of person folders, or
+            ``auto`` (detected).
         image_size: Side S of the stored training images (512 for SD2).
         num_refs: Which ``idi-N.json`` to read (CelebAHQ-IDI only).
         persons_per_shard: Person records per shard.

@@ -42,10 +42,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pva.checks import NONNEGATIVE_INT, POSITIVE_INT, check_ranges
 from pva.data.reader import decode_jpeg, decode_jpeg_uint8
-from pva.data.writer import _jpeg
-from pva.evaluate import _load_png
+from pva.data.writer import encode_jpeg
+from pva.evaluate import load_png
 from pva.faces import resize_square
+from pva.objective import EncodingCache
 
 if TYPE_CHECKING:
     from pva.model import PVAModel
@@ -66,9 +68,9 @@ def _shard_view(image: np.ndarray, size: int) -> torch.Tensor:
     Returns:
         (3, size, size) in [-1, 1].
     """
-    decoded = decode_jpeg_uint8(_jpeg(image)).permute(1, 2, 0).numpy()  # (H, W, 3) uint8
+    decoded = decode_jpeg_uint8(encode_jpeg(image)).permute(1, 2, 0).numpy()  # (H, W, 3) uint8
     crop = resize_square(decoded, np.zeros((68, 2), np.float32), size).image  # (size, size, 3)
-    return decode_jpeg(_jpeg(crop))
+    return decode_jpeg(encode_jpeg(crop))
 
 
 def attribute_embedding(attributes: dict[str, str], dim: int, value: float = 2.0) -> torch.Tensor:
@@ -90,23 +92,24 @@ def attribute_embedding(attributes: dict[str, str], dim: int, value: float = 2.0
     return out
 
 
-def _oracle_module_class():
-    from pva.module import PVAModule
+class OracleEncodings(EncodingCache):
+    """Stage 1's encoding cache, each reference's face embedding replaced by its attributes.
 
-    class OracleModule(PVAModule):
-        """Stage 1 with each reference's face embedding replaced by its person's attributes."""
+    The person's attributes as :func:`attribute_embedding` writes them.
+    """
 
-        oracle: dict[str, torch.Tensor]
+    def __init__(self, oracle: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.oracle = oracle
 
-        def with_cached_encodings(self, batch: dict) -> dict:
-            out = super().with_cached_encodings(batch)
-            emb = out["reference_embeddings"]  # (B, K, E)
-            truth = torch.stack([self.oracle[p] for p in batch["person"]])  # (B, E)
-            present = batch["reference_mask"].to(emb.device)  # (B, K) bool
-            emb = torch.where(present[..., None], truth[:, None], torch.zeros_like(emb))
-            return {**out, "reference_embeddings": emb}  # (B, K, E)
-
-    return OracleModule
+    def fill(self, model: PVAModel, batch: dict) -> dict:
+        """The cached encodings, then the oracle's embeddings where a reference is present."""
+        out = super().fill(model, batch)
+        emb = out["reference_embeddings"]  # (B, K, E)
+        truth = torch.stack([self.oracle[p] for p in batch["person"]])  # (B, E)
+        present = batch["reference_mask"].to(emb.device)  # (B, K) bool
+        emb = torch.where(present[..., None], truth[:, None], torch.zeros_like(emb))
+        return {**out, "reference_embeddings": emb}  # (B, K, E)
 
 
 def train_oracle_adapter(run: Path, steps: int, oracle: dict[str, torch.Tensor]) -> PVAModel:
@@ -120,6 +123,7 @@ def train_oracle_adapter(run: Path, steps: int, oracle: dict[str, torch.Tensor])
 
     from datamodules import ShardDataModule
     from pva.model import PVAConfig
+    from pva.module import PVAModule
 
     cfg = yaml.safe_load((run / "stage1.yaml").read_text())
     model_cfg = dict(cfg["model"])
@@ -131,8 +135,8 @@ def train_oracle_adapter(run: Path, steps: int, oracle: dict[str, torch.Tensor])
     L.seed_everything(int(cfg.get("seed_everything") or 0), verbose=False)
     data_cfg = dict(cfg["data"]["init_args"])
     pva = PVAConfig(**model_cfg.pop("pva", {}))
-    module = _oracle_module_class()(pva=pva, batch_size=data_cfg["batch_size"], **model_cfg)
-    module.oracle = oracle
+    module = PVAModule(pva=pva, batch_size=data_cfg["batch_size"], **model_cfg)
+    module.encodings = OracleEncodings(oracle)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -251,8 +255,8 @@ def headroom(
         pid, stem = meta_path.parent.name, meta_path.name.removesuffix(".json")
         photo_stem, mask_name = stem.rsplit("_", 1)
         meta = json.loads(meta_path.read_text())
-        gt = _load_png(meta_path.with_name(stem + ".gt.png"))[None]  # (1, 3, S, S)
-        mask = (_load_png(meta_path.with_name(stem + ".mask.png"))[:1] > 0)[None].float()
+        gt = load_png(meta_path.with_name(stem + ".gt.png"))[None]  # (1, 3, S, S)
+        mask = (load_png(meta_path.with_name(stem + ".mask.png"))[:1] > 0)[None].float()
         size = gt.shape[-1]
         if (pid, photo_stem) not in views:
             names = id2image[pid]["infer"] + id2image[pid]["ref"]
@@ -276,7 +280,7 @@ def headroom(
         for method in methods:
             produced = eval_dir / method / pid / f"{stem}.png"
             if produced.exists():
-                fills[method] = [_load_png(produced)]
+                fills[method] = [load_png(produced)]
         for name, model in samplers.items():  # the same noise for both rows, per sample
             fills[name] = [
                 _fill(
@@ -349,10 +353,28 @@ def _fill(
     )[0]
 
 
+RANGES = {"draws": POSITIVE_INT, "oracle_steps": NONNEGATIVE_INT}
+
+
 def bench_headroom(
     run: str, eval_dir: str | None = None, draws: int = 2, oracle_steps: int = 0
 ) -> dict:
-    """Print :func:`headroom`'s table; return its figures."""
+    """A ``pva demo`` evaluation beside exact generator fills and PVA on oracle attributes.
+
+    Exact fills with the right and with wrong hidden attributes, the VAE's ceiling, and,
+    optionally, PVA trained on oracle attribute embeddings. A research probe: prints
+    :func:`headroom`'s table and returns its figures.
+
+    Args:
+        run: A finished ``pva demo --out`` folder.
+        eval_dir: A ``pva evaluate`` output on the run's shards (default: the first
+            RUN/eval/seed*, which holds sd-inpaint, pva and pva-ft40; RUN/eval/cd-seed<k> holds
+            Custom Diffusion's fills).
+        draws: Other persons whose hidden attributes re-render each target.
+        oracle_steps: Also train stage 1 this long on true-attribute embeddings and inpaint with
+            them (default: 0, off; the demo's stage 1 is 1200).
+    """
+    check_ranges("--", locals(), RANGES)
     res = headroom(run, eval_dir, draws=draws, oracle_steps=oracle_steps)
     masks = sorted(res["n"])
     print(

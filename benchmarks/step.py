@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import torch
 
+from benchmarks.attention import interleaved_median_ms
 from pva.backbone import build_tiny_backbone
-from pva.bench.attention import _interleaved_median_ms
+from pva.checks import NONNEGATIVE_INT, POSITIVE_INT, check_ranges
 from pva.model import PVAModel
 from pva.objective import denoising_loss
 from pva.tiny import build_tiny_face_model, tiny_pva_config
@@ -72,20 +73,32 @@ def _time_config(name: str, batch_size: int, refs: int, repeats: int) -> dict[st
         loss.backward()
         opt.step()
 
-    return _interleaved_median_ms(
+    return interleaved_median_ms(
         {"base UNet fwd+bwd": base, "PVA UNet fwd+bwd": pva_unet, "full PVA step": full_step},
         repeats,
     )
 
 
-def bench_step(batch_size: int = 2, refs: int = 5, repeats: int = 5) -> dict:
-    """Print the step-time table for the tiny and mid configurations (CPU).
+RANGES = {
+    "batch_size": POSITIVE_INT,
+    "refs": POSITIVE_INT,
+    "repeats": POSITIVE_INT,
+    "threads": NONNEGATIVE_INT,
+}
+
+
+def bench_step(batch_size: int = 2, refs: int = 5, repeats: int = 5, threads: int = 0) -> dict:
+    """PVA training step vs the frozen base UNet's forward+backward (tiny, mid; CPU).
 
     Args:
         batch_size: Images per step.
         refs: References per image.
-        repeats: Timed repetitions per row (median reported).
+        repeats: Timed runs per row (median reported).
+        threads: Torch CPU threads (default: 0, torch's own).
     """
+    check_ranges("--", locals(), RANGES)
+    if threads:
+        torch.set_num_threads(threads)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu, fp32; batch "
         f"{batch_size}, {refs} references, 1 timestep draw per image"

@@ -14,11 +14,14 @@ import random
 import tarfile
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
 
+from pva.checks import IMAGE_SIDE, POSITIVE, POSITIVE_INT, check_ranges
 from pva.data.reader import PersonStream
 from pva.data.schema import IMAGE_EXTS, read_index
 from pva.data.writer import build_shards
@@ -59,24 +62,40 @@ def _naive_decode(data: bytes, size: int) -> np.ndarray:
         return np.asarray(im, dtype=np.float32) / 127.5 - 1.0
 
 
+RANGES = {
+    "image_size": IMAGE_SIDE,
+    "refs": POSITIVE_INT,
+    "samples": POSITIVE_INT,
+    "build_workers": POSITIVE_INT,
+    "gpu_rates": POSITIVE,
+}
+
+
 def bench_data(
     photos: str | Path,
     image_size: int = 512,
     refs: int = 5,
     samples: int = 60,
-    workers_build: int = 2,
-    gpu_rates: tuple[float, ...] = (10.0, 30.0),
+    build_workers: int = 2,
+    gpu_rates: Sequence[float] = (10.0, 30.0),
 ) -> dict:
-    """Build shards from ``photos/<source>/<person>/``, time both layouts, print the table.
+    """Training samples/s per worker: our shards vs full-size photos per sample.
+
+    Builds shards from PHOTOS/<source>/<person>/ (persons with refs+1 or more photos), then
+    times one process (one torch thread, a DataLoader worker's view) producing training samples
+    from them and from a naive layout that stores each sample's full-size target and reference
+    photos, in one run.
 
     Args:
         photos: Folder of sources of person folders (e.g. ``../shared/data/faces``).
         image_size: Training resolution.
         refs: References per sample.
         samples: Training samples timed per layout.
-        workers_build: Processes for building the shards (not timed as throughput).
+        build_workers: Processes for building the shards (not timed as throughput).
         gpu_rates: GPU consumption rates (samples/s) to size the worker count for.
     """
+    check_ranges("--", locals(), RANGES)
+    torch.set_num_threads(1)  # one DataLoader worker's view
     photos = Path(photos)
     if not photos.is_dir():
         raise FileNotFoundError(f"--photos '{photos}' does not exist")
@@ -93,7 +112,7 @@ def bench_data(
             people,
             Path(tmp) / "shards",
             image_size=image_size,
-            workers=workers_build,
+            workers=build_workers,
             val_fraction=0,
             test_fraction=0,
             min_images=refs + 1,
@@ -147,7 +166,7 @@ def bench_data(
         f"{refs} references per sample; one process (= one DataLoader worker)"
     )
     print(
-        f"shard build: {build_s:.1f} s with {workers_build} processes "
+        f"shard build: {build_s:.1f} s with {build_workers} processes "
         f"({ours_images / build_s:.1f} photos/s)"
     )
     print(f"\n  {'layout':<44}{'samples/s':>10}{'KB per training image':>24}")

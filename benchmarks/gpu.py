@@ -1,6 +1,6 @@
 """The GPU check: one script, SD2 size, random weights, nothing downloaded, a few minutes.
 
-``python -m pva.bench.gpu [--out gpu.json]`` prints, on a CUDA device:
+``python -m benchmarks gpu [--out gpu.json]`` prints, on a CUDA device:
 
 1. the stage-1 training step (2 images x 4 timesteps, 5 references at 256 px, AdamW) in bf16:
    seconds and peak memory for ``precision: bf16-mixed`` as shipped, with the frozen weights
@@ -20,16 +20,15 @@ mean nothing).
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from pva.checks import POSITIVE, POSITIVE_INT, check_ranges
 from pva.objective import denoising_loss
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
@@ -247,33 +246,36 @@ def run(
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line of ``python -m pva.bench.gpu``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda", help="torch device (default: cuda)")
-    parser.add_argument("--tiny", action="store_true", help="tiny models: a smoke run")
-    parser.add_argument(
-        "--peak-tflops",
-        type=float,
-        default=None,
-        help="dense bf16 peak for the MFU (default: looked up by device name)",
-    )
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per figure (5)")
-    parser.add_argument("--out", default=None, help="also write the figures as JSON here")
-    parser.add_argument(
-        "--compile", action="store_true", help="also time the step with torch.compile (slow start)"
-    )
-    args = parser.parse_args(argv)
+RANGES = {"peak_tflops": POSITIVE, "repeats": POSITIVE_INT}
+
+
+def gpu_check(
+    device: str = "cuda",
+    tiny: bool = False,
+    peak_tflops: float | None = None,
+    repeats: int = 5,
+    compile: bool = False,
+    out: str | None = None,
+) -> dict:
+    """The GPU check: SD2-size step time, memory, DDIM vs diffusers, personalization, MFU.
+
+    Random weights, nothing downloaded, a few minutes on a CUDA device; prints the figures as
+    JSON at the end.
+
+    Args:
+        device: Torch device.
+        tiny: Tiny models: a smoke run (its figures mean nothing).
+        peak_tflops: Dense bf16 peak for the MFU (default: looked up by device name).
+        repeats: Timed steps per figure.
+        compile: Also time the step with torch.compile (slow start).
+        out: Also write the figures as JSON here.
+    """
+    check_ranges("--", locals(), RANGES)
     try:
-        result = run(args.tiny, args.device, args.peak_tflops, args.repeats, args.compile)
+        result = run(tiny, device, peak_tflops, repeats, compile)
     except RuntimeError as err:
-        print(f"pva.bench.gpu: error: {str(err).splitlines()[0]}", file=sys.stderr)
-        return 2
+        raise RuntimeError(str(err).splitlines()[0]) from None
     print(json.dumps(result, indent=1))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    if out:
+        Path(out).write_text(json.dumps(result, indent=1))
+    return result

@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pva.attention import PVAAttnProcessor, install_pva, set_attention_impl
 from pva.backbone import SD2_INPAINT_UNET_CONFIG
+from pva.checks import NONNEGATIVE_INT, POSITIVE_INT, check_ranges
 from pva.identity import IdentityProjection, iresnet
 
 
@@ -45,7 +46,7 @@ SD2_SHAPES = (
 SMALL_SHAPES = (LayerShape("small", 64, 32, 2, context_dim=16, text_tokens=7, identity_tokens=3),)
 
 
-def _interleaved_median_ms(
+def interleaved_median_ms(
     fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2
 ) -> dict[str, float]:
     """Median milliseconds per function, timed round-robin so machine drift hits all alike."""
@@ -93,7 +94,7 @@ def time_layer(shape: LayerShape, repeats: int, backward: bool) -> dict[str, flo
 
         return call
 
-    return _interleaved_median_ms(
+    return interleaved_median_ms(
         {
             "stock (text only)": run(lambda: stock(attn, x, text)),
             "PVA reference": run(with_impl("reference")),
@@ -140,14 +141,28 @@ def sd2_counts() -> dict[str, float]:
     }
 
 
-def bench_attention(repeats: int = 10, small: bool = False, backward: bool = True) -> None:
-    """Print the attention timing table, SD2 parameter counts and FLOP overhead.
+RANGES = {"repeats": POSITIVE_INT, "threads": NONNEGATIVE_INT}
+
+
+def bench_attention(
+    repeats: int = 10, threads: int = 0, small: bool = False, forward_only: bool = False
+) -> None:
+    """Fused vs reference PVA attention vs stock cross-attention at SD2 shapes.
+
+    Times one cross-attention layer at SD2's largest and a mid shape (batch 2, 77 text + 10
+    identity tokens), prints ratios from one run, the trainable parameter count of the full
+    SD2-inpainting config (meta device) and PVA's FLOP overhead per step.
 
     Args:
-        repeats: Timed repetitions per measurement (median reported).
-        small: Use a tiny layer shape (a smoke run, not a measurement).
-        backward: Also time forward + backward (training), not only forward.
+        repeats: Timed runs per figure (median reported).
+        threads: Torch CPU threads (default: 0, torch's own).
+        small: Tiny shapes: a smoke run, no figures.
+        forward_only: Skip the forward+backward (training) timing.
     """
+    check_ranges("--", locals(), RANGES)
+    if threads:
+        torch.set_num_threads(threads)
+    backward = not forward_only
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
     modes = [False, True] if backward else [False]
     for shape in SMALL_SHAPES if small else SD2_SHAPES:

@@ -1,4 +1,4 @@
-"""``pva bench memory``: what each memory option saves on a training step, at SD2 size, on CPU.
+"""``python -m benchmarks memory``: what each memory option saves on an SD2-size step (CPU).
 
 One stage-1 training step (the denoising loss, backward, AdamW step) at 512 px, batch 1 x 1
 timestep, 5 references, per option, each in a fresh process so that its peak resident memory
@@ -13,7 +13,7 @@ timestep, 5 references, per option, each in a fresh process so that its peak res
 * ``channels-last``: fp32, the UNet in channels-last.
 
 CPU resident memory is not GPU memory (no caching allocator, no cuDNN workspaces, the weights are
-memory-mapped until touched), so the GPU figures come from ``python -m pva.bench.gpu``; the table
+memory-mapped until touched), so the GPU figures come from ``python -m benchmarks gpu``; the table
 samples the resident memory every 20 ms to split a step's peak into what the weights take as held
 (after any conversion) and what the step adds, which is what grows with the batch; the
 process's own high-water mark (loading and conversions included) is shown beside it.
@@ -28,20 +28,27 @@ import subprocess
 import sys
 import threading
 import time
+import typing
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 
+from pva.checks import IMAGE_SIDE, check_ranges
 from pva.objective import denoising_loss
 
-OPTIONS = (
+REPO = Path(__file__).resolve().parents[1]
+"""The repository root, where ``python -m benchmarks.memory`` runs each option."""
+Option = Literal[
     "fp32",
     "bf16-autocast",
     "checkpointing",
     "bf16-frozen",
     "bf16-frozen+checkpointing",
     "channels-last",
-)
+]
+OPTIONS: tuple[str, ...] = typing.get_args(Option)
 
 
 def _rss_gb() -> float:
@@ -129,15 +136,31 @@ def measure(option: str, backbone: str, face_model: str, size: int, steps: int =
     }
 
 
-def bench_memory(models: str, options: tuple[str, ...] = OPTIONS, size: int = 512) -> list[dict]:
-    """Print the table: each option in its own process.
+RANGES = {"image_size": IMAGE_SIDE}
+
+
+def bench_memory(
+    models: str = "rehearse_out/models",
+    options: Sequence[Option] = OPTIONS,
+    image_size: int = 512,
+) -> list[dict]:
+    """Peak memory and time of one SD2-size training step per memory option (CPU).
+
+    One training step (batch 1 x 1 timestep, 512 px, AdamW) per option, each in its own
+    process: fp32, bf16 autocast, gradient checkpointing, frozen weights in bf16, both,
+    channels-last. Needs the SD2-size models that ``pva rehearse`` writes.
 
     Args:
         models: A folder with ``backbone/`` and ``ms1mv3_arcface_r50.pth`` (``pva rehearse``
             writes ``OUT/models``).
-        options: Which of :data:`OPTIONS` to measure.
-        size: Image side (512 for SD2).
+        options: Which of the options to measure.
+        image_size: Image side (512 for SD2).
     """
+    check_ranges("--", locals(), RANGES)
+    unknown = [o for o in options if o not in OPTIONS]
+    if unknown:
+        raise ValueError(f"--options: unknown {unknown}; choose from {', '.join(OPTIONS)}")
+    size = image_size
     folder = Path(models)
     backbone, face = folder / "backbone", folder / "ms1mv3_arcface_r50.pth"
     for needed in (backbone / "unet", face):
@@ -147,8 +170,8 @@ def bench_memory(models: str, options: tuple[str, ...] = OPTIONS, size: int = 51
             )
     rows = []
     for option in options:
-        cmd = [sys.executable, "-m", "pva.bench.memory", option, str(backbone), str(face)]
-        res = subprocess.run([*cmd, str(size)], capture_output=True, text=True)
+        cmd = [sys.executable, "-m", "benchmarks.memory", option, str(backbone), str(face)]
+        res = subprocess.run([*cmd, str(size)], capture_output=True, text=True, cwd=REPO)
         if res.returncode != 0:
             raise RuntimeError(f"{option} failed:\n{res.stderr[-2000:]}")
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))

@@ -17,11 +17,13 @@ nothing to build on, so this benchmark measures it on a finished demo run:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from pva.checks import GUIDANCE, POSITIVE_INT, check_ranges
 from pva.data.masks import box_mask
 from pva.model import PVAModel
 from pva.prompts import UNCOND_PROMPT
@@ -148,13 +150,26 @@ def text_use(
     return out
 
 
+RANGES = {"persons": POSITIVE_INT, "guidance": GUIDANCE}
+
+
 def bench_text_use(
     run: str,
     backbone: str | None = None,
     persons: int = 16,
-    guidance: tuple[float, ...] = (1.0, 4.0),
+    guidance: Sequence[float] = (1.0, 4.0),
 ) -> dict:
-    """Print :func:`text_use`'s figures as tables; return them."""
+    """Does a ``pva demo`` stand-in backbone use its text? (oracle captions vs plain prompt).
+
+    A research probe: prints :func:`text_use`'s figures as tables and returns them.
+
+    Args:
+        run: A finished ``pva demo --out`` folder.
+        backbone: Backbone folder to measure (default: RUN/models/backbone).
+        persons: Validation persons.
+        guidance: Classifier-free guidance scales.
+    """
+    check_ranges("--", locals(), RANGES)
     res = text_use(run, backbone, persons=persons, guidance=guidance)
     s, s0 = res["spread"], res["spread_init"]
     print("text-encoder token features (relative to their std)\n")

@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import yaml
@@ -126,7 +127,7 @@ def _pva(*args: str) -> list[str]:
 
 
 def _internal(stage: str, out: Path, size: RehearsalSize) -> list[str]:
-    return [sys.executable, "-m", "pva.bench.rehearse", stage, str(out), size.name]
+    return [sys.executable, "-m", "pva.rehearse", stage, str(out), size.name]
 
 
 # -------------------------------------------------------------------- in-process stages
@@ -436,11 +437,20 @@ class _State:
 
 def rehearse(
     out: str | Path = "rehearse_out",
-    size: str = "sd2",
+    size: Literal["sd2", "tiny"] = "sd2",
     photos: str | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Run (or resume) the rehearsal; returns the report's path.
+    """The real-scale path on a CPU: SD2-size random weights through every entry point.
+
+    Builds the exact SD2-inpainting architecture and an IResNet-50 with random weights, writes
+    them in the real formats, generates a small CelebAHQ-IDI tree in the authors' format and runs
+    the real entry points at 512 px: train.py fit with configs/stage1.yaml (plus an overlay with
+    only what a CPU needs; killed after a checkpoint and resumed), pva personalize, pva inpaint,
+    a DDIM step beside diffusers' pipeline and PVA-FT beside Custom Diffusion per step, and pva
+    evaluate on 2 persons; time and peak memory per stage. Writes OUT/report.md and
+    OUT/rehearsal.json (returns the report's path); a rerun resumes. About 20 minutes and 17 GB
+    of memory on 2 cores, 10 GB of disk.
 
     Args:
         out: Output folder (about 10 GB for ``sd2``: 5 GB of models, 4.3 GB of checkpoints).
@@ -643,7 +653,7 @@ def write_report(out: Path, data: dict) -> Path:
 
 
 def _main(argv: list[str]) -> None:
-    """``python -m pva.bench.rehearse STAGE OUT SIZE [PHOTOS]``: one in-process stage."""
+    """``python -m pva.rehearse STAGE OUT SIZE [PHOTOS]``: one in-process stage."""
     stage, out, size = argv[0], Path(argv[1]), SIZES[argv[2]]
     torch.set_num_threads(min(os.cpu_count() or 1, torch.get_num_threads()))
     if stage == "models":

@@ -1,0 +1,1 @@
+"""Research probes: one-off measurements of the demo's stand-in models (not the method)."""

@@ -1,1 +1,0 @@
-"""Benchmarks printed by ``pva bench ...`` (measured figures, ratios side by side)."""
