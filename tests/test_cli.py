@@ -184,7 +184,8 @@ def test_an_output_folder_given_as_an_existing_file(tmp_path, capsys):
     ]
     assert main(args) == 2
     assert capsys.readouterr().err.strip() == (
-        f"pva shards: error: --out '{out}' is a file, not a folder; pass --overwrite to replace it"
+        f"pva shards build: error: --out '{out}' is a file, not a folder; "
+        "pass --overwrite to replace it"
     )  # before: "exists and is not empty"
     assert main([*args, "--overwrite"]) == 0
     assert (out / "index.json").is_file()
