@@ -12,10 +12,12 @@ written once: its parameter, its docstring line, its range. ``pva train`` is Lig
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import inspect
 import os
 import re
+import shlex
 import sys
 import types
 import typing
@@ -62,6 +64,132 @@ class Command:
     def range_table(self) -> Mapping[str, Range]:
         """The ranges table (empty when the function takes no numbers)."""
         return _resolve(self.ranges) if self.ranges else {}
+
+    def options(self) -> list[Option]:
+        """The command line's options: the function's parameters, a dataclass's fields each."""
+        fn = self.function()
+        where = f"{self.name} ({self.target})"
+        hints = typing.get_type_hints(fn)
+        docs = _arg_docs(fn)
+        found: list[Option] = []
+        for param in inspect.signature(fn).parameters.values():
+            if param.name in self.hidden:
+                continue
+            hint = _unwrap_optional(hints[param.name])
+            if dataclasses.is_dataclass(hint):  # one flag per field, grouped
+                field_hints, field_docs = typing.get_type_hints(hint), _arg_docs(hint)
+                for f in dataclasses.fields(hint):
+                    if f.name in self.hidden:
+                        continue
+                    if f.default is not dataclasses.MISSING:
+                        default = f.default
+                    elif f.default_factory is not dataclasses.MISSING:
+                        default = f.default_factory()
+                    else:
+                        default = _REQUIRED
+                    doc = field_docs.get(f.name)
+                    if doc is None:
+                        raise TypeError(f"{where}: field '{f.name}' of {hint.__name__} has no doc")
+                    found.append(Option(f.name, field_hints[f.name], default, doc, param.name))
+                continue
+            if param.name not in docs:
+                raise TypeError(f"{where}: parameter '{param.name}' is not in the docstring's Args")
+            default = _REQUIRED if param.default is inspect.Parameter.empty else param.default
+            positional = param.kind is inspect.Parameter.POSITIONAL_ONLY
+            doc = docs[param.name]
+            found.append(Option(param.name, hints[param.name], default, doc, None, positional))
+        names = [o.name for o in found]
+        if len(set(names)) != len(names):
+            raise TypeError(f"{where}: two options share a name: {sorted(names)}")
+        return found
+
+    def flag(self, name: str) -> str:
+        """The flag of option ``name`` (``image_size`` -> ``--image-size``)."""
+        return self.flags.get(name, "--" + name.replace("_", "-"))
+
+    def call(self, values: Mapping[str, Any], argv: Sequence[str] = ()) -> Any:
+        """Run the function with ``values``, one per option (the flags' values by name).
+
+        Options left out take their defaults; dataclass fields are gathered into their
+        dataclass; hidden parameters get their value from ``argv``.
+        """
+        fn = self.function()
+        options = self.options()
+        known = {o.name for o in options}
+        unknown = set(values) - known
+        if unknown:
+            raise TypeError(f"{self.name}: unknown options {sorted(unknown)}")
+        positional, kwargs = [], {}
+        groups: dict[str, dict[str, Any]] = {}
+        for o in options:
+            if o.name not in values:
+                continue
+            if o.group is not None:
+                groups.setdefault(o.group, {})[o.name] = values[o.name]
+            elif o.positional:
+                positional.append(values[o.name])
+            else:
+                kwargs[o.name] = values[o.name]
+        hints = typing.get_type_hints(fn)
+        classes = {
+            name: _unwrap_optional(hint)
+            for name, hint in hints.items()
+            if dataclasses.is_dataclass(_unwrap_optional(hint))
+        }
+        owner = {f.name: name for name, cls in classes.items() for f in dataclasses.fields(cls)}
+        for name, value in self.hidden.items():  # a hidden field goes into its dataclass
+            target = groups.setdefault(owner[name], {}) if name in owner else kwargs
+            target[name] = value(list(argv))
+        for group, fields in groups.items():
+            kwargs[group] = classes[group](**fields)
+        return fn(*positional, **kwargs)
+
+    def command_line(self, values: Mapping[str, Any], prog: str = "pva") -> str:
+        """The command line that runs the function with ``values`` (:meth:`call`'s)."""
+        words = [prog, *self.name.split()]
+        for o in self.options():
+            if o.name not in values or values[o.name] is None:
+                continue
+            value = values[o.name]
+            if o.positional:
+                words.append(shlex.quote(str(value)))
+            elif _unwrap_optional(o.hint) is bool:
+                if value != o.default:
+                    words.append(self.flag(o.name) if value else "--no-" + self.flag(o.name)[2:])
+            else:
+                words += [self.flag(o.name), shlex.quote(_shown(value))]
+        return " ".join(words)
+
+
+_REQUIRED = object()
+"""The default of an option without one."""
+
+
+@dataclass
+class Option:
+    """One option of a command: a parameter of its function, or a field of a dataclass one.
+
+    Args:
+        name: The parameter's or field's name (its flag: ``--`` + the name with dashes).
+        hint: Its type annotation.
+        default: Its default (``_REQUIRED``: none).
+        doc: Its docstring entry.
+        group: The dataclass parameter it is a field of (``None``: a parameter itself).
+        positional: A positional-only parameter (a positional argument, not a flag).
+    """
+
+    name: str
+    hint: Any
+    default: Any
+    doc: str
+    group: str | None
+    positional: bool = False
+
+
+def _arg_docs(obj: Any) -> dict[str, str]:
+    """The ``Args`` entries of ``obj``'s Google docstring, by name."""
+    doc = docstring_parser.parse(obj.__doc__ or "", docstring_parser.DocstringStyle.GOOGLE)
+    return {p.arg_name: p.description or "" for p in doc.params}
 
 
 def _resolve(path: str) -> Any:
@@ -199,20 +327,19 @@ def _shown(default: Any) -> str:
     return str(default)
 
 
-def _add_parameter(
-    parser: argparse.ArgumentParser,
+def _add_option(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
     where: str,
-    param: inspect.Parameter,
-    hint: Any,
+    option: Option,
     doc: str,
     allowed: Range | None,
     flag: str,
 ) -> None:
-    """Add one parameter of a command's function as a flag (or positional) of ``parser``."""
-    required = param.default is inspect.Parameter.empty
-    default = None if required else param.default
+    """Add one option of a command as a flag (or positional) of ``parser``."""
+    required = option.default is _REQUIRED
+    default = None if required else option.default
     kwargs: dict[str, Any] = {"help": doc.replace("%", "%%")}
-    hint = _unwrap_optional(hint)
+    hint = _unwrap_optional(option.hint)
     if hint is bool:
         kwargs["action"] = "store_true" if default is False else argparse.BooleanOptionalAction
     elif typing.get_origin(hint) is Literal:
@@ -221,22 +348,22 @@ def _add_parameter(
         item = _unwrap_optional((typing.get_args(hint) or (str,))[0])
         choices = typing.get_args(item) if typing.get_origin(item) is Literal else None
         if item in (int, float) and allowed is None:
-            raise TypeError(f"{where}: the numbers of '{param.name}' have no range")
+            raise TypeError(f"{where}: the numbers of '{option.name}' have no range")
         kwargs["type"] = _comma_list(item, allowed, choices)
         kwargs["metavar"] = "A,B,..."
     elif hint in (int, float):
         if allowed is None:
-            raise TypeError(f"{where}: number parameter '{param.name}' has no range")
+            raise TypeError(f"{where}: number option '{option.name}' has no range")
         kwargs["type"] = allowed.arg
     elif hint not in (str, Any) and not _is_path(hint):
-        raise TypeError(f"{where}: parameter '{param.name}' has a type the CLI cannot read: {hint}")
-    if default is not None and hint is not bool and "default" not in doc:
+        raise TypeError(f"{where}: option '{option.name}' has a type the CLI cannot read: {hint}")
+    if default not in (None, ()) and hint is not bool and "default" not in doc:
         shown = _shown(default).replace("%", "%%")
         kwargs["help"] = kwargs["help"].removesuffix(".") + f" (default: {shown})."
-    if param.kind is inspect.Parameter.POSITIONAL_ONLY:
-        parser.add_argument(param.name, **kwargs)
+    if option.positional:
+        parser.add_argument(option.name, **kwargs)
         return
-    parser.add_argument(flag, required=required, default=default, dest=param.name, **kwargs)
+    parser.add_argument(flag, required=required, default=default, dest=option.name, **kwargs)
 
 
 def add_command(subparsers: argparse._SubParsersAction, command: Command, word: str) -> None:
@@ -244,30 +371,28 @@ def add_command(subparsers: argparse._SubParsersAction, command: Command, word: 
     fn = command.function()
     where = f"{command.name} ({command.target})"
     doc = docstring_parser.parse(fn.__doc__ or "", docstring_parser.DocstringStyle.GOOGLE)
-    params = inspect.signature(fn).parameters
-    flags = {
-        name: command.flags.get(name, "--" + name.replace("_", "-"))
-        for name, param in params.items()
-        if name not in command.hidden and param.kind is not inspect.Parameter.POSITIONAL_ONLY
-    }
-    params_doc = {p.arg_name: _plain(p.description, flags) for p in doc.params}
+    options = command.options()
+    flags = {o.name: command.flag(o.name) for o in options if not o.positional}
     summary = _plain(doc.short_description).rstrip(".")
     texts = (doc.short_description, doc.long_description)
     body = " ".join(_plain(t, flags) for t in texts if t)
     parser = subparsers.add_parser(word, help=summary, description=body)
     hints = typing.get_type_hints(fn)
+    groups: dict[str, argparse._ArgumentGroup] = {}
     ranges = command.range_table()
-    for param in params.values():
-        if param.name in command.hidden:
-            continue
-        if param.name not in params_doc:
-            raise TypeError(f"{where}: parameter '{param.name}' is not in the docstring's Args")
-        help_text = params_doc[param.name]
-        if param.name in command.extra_help:
-            help_text = help_text.rstrip(".") + ": " + command.extra_help[param.name]()
-        allowed = ranges.get(param.name)
-        flag = flags.get(param.name, param.name)
-        _add_parameter(parser, where, param, hints[param.name], help_text, allowed, flag)
+    for option in options:
+        target: argparse.ArgumentParser | argparse._ArgumentGroup = parser
+        if option.group is not None:
+            if option.group not in groups:
+                cls = _unwrap_optional(hints[option.group])
+                title = _plain(docstring_parser.parse(cls.__doc__ or "").short_description)
+                groups[option.group] = parser.add_argument_group(option.group, title)
+            target = groups[option.group]
+        help_text = _plain(option.doc, flags)
+        if option.name in command.extra_help:
+            help_text = help_text.rstrip(".") + ": " + command.extra_help[option.name]()
+        allowed = ranges.get(option.name)
+        _add_option(target, where, option, help_text, allowed, flags.get(option.name, ""))
     parser.set_defaults(_command=command)
 
 
@@ -332,8 +457,7 @@ def run(
         parser.parse_args(argv)  # an unknown or missing command: argparse names it and exits
     args = vars(parser.parse_args(argv))
     command: Command = args.pop("_command")
-    kwargs = {k: v for k, v in args.items() if k != "command" and not k.startswith("_")}
-    kwargs.update({name: value(argv) for name, value in command.hidden.items()})
+    values = {k: v for k, v in args.items() if k != "command" and not k.startswith("_")}
     name = f"{prog} {command.name}"
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
@@ -343,15 +467,9 @@ def run(
     warnings.showwarning = show
     try:
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
-        fn = command.function()
-        positional = [
-            kwargs.pop(p.name)
-            for p in inspect.signature(fn).parameters.values()
-            if p.kind is inspect.Parameter.POSITIONAL_ONLY
-        ]
-        result = fn(*positional, **kwargs)
+        result = command.call(values, argv)
         if command.report is not None:
-            command.report(result, kwargs)
+            command.report(result, values)
     except (
         FileNotFoundError,
         FileExistsError,

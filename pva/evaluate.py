@@ -27,6 +27,7 @@ Methods: ``sd-inpaint`` (the frozen backbone, ``photo of a person``, no referenc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections import defaultdict
@@ -180,6 +181,129 @@ CD_PARAMS = {"crossattn": "custom-diffusion", "crossattn_kv": "custom-diffusion-
 """``--cd-params``: what Custom Diffusion fine-tunes (``cd_train.py --freeze_model``)."""
 
 
+@dataclass(frozen=True)
+class Selection:
+    """Which persons, targets and masks ``pva evaluate`` runs.
+
+    Args:
+        split: Split to evaluate.
+        num_refs: References per person (1..5).
+        masks: Evaluation masks.
+        edit: Run the editing track.
+        persons: Evaluate only these person ids of ``split``, in this order (before
+            ``max_persons`` and sharding); an id not in the split is an error.
+        max_persons: Evaluate only the first persons (quick runs).
+        shard_index: This process's shard of persons.
+        num_shards: Number of processes sharing the persons.
+    """
+
+    split: str = "test"
+    num_refs: int = 5
+    masks: Sequence[str] = EVAL_MASKS
+    edit: bool = True
+    persons: Sequence[str] | None = None
+    max_persons: int | None = None
+    shard_index: int = 0
+    num_shards: int = 1
+
+    def __post_init__(self) -> None:
+        check_ranges("--", vars(self), RANGES)
+        if self.shard_index >= self.num_shards:
+            message = f"--shard-index must be below --num-shards ({self.num_shards})"
+            raise ValueError(f"{message}, got {self.shard_index}")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How ``pva evaluate`` samples each output.
+
+    Args:
+        guidance: Inpainting guidance (paper: 1 or 6).
+        edit_guidance: Editing guidance (paper: 15 or 30).
+        steps: DDIM steps (paper: 100).
+        eta: DDIM eta (paper: 1.0).
+        seed: Sampling and adaptation seed.
+        paste_back: Paste input pixels outside the mask; ``None``: off (the paper's protocol
+            keeps it off and refuses ``True``).
+        batch_size: Images per sampling call.
+    """
+
+    guidance: float = 6.0
+    edit_guidance: float = 15.0
+    steps: int = 100
+    eta: float = 1.0
+    seed: int = 0
+    paste_back: bool | None = None
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        check_ranges("--", vars(self), RANGES)
+
+
+@dataclass(frozen=True)
+class FineTuning:
+    """How ``pva evaluate``'s fine-tuning methods adapt to each person.
+
+    Args:
+        ft_steps: Steps of ``pva-ft40`` / ``crossqkv-ft40``.
+        ft_lr: Attention learning rate of every fine-tuning method per (target x timestep
+            draw) of a step (METHOD 7: 1e-5, which is 2e-5 per step of 2 draws).
+        cd_steps: Steps of ``custom-diffusion``.
+        cd_lr: ``custom-diffusion``'s attention learning rate per (target x timestep draw);
+            ``None``: ``ft_lr``. The paper's Custom Diffusion runs stepped at 8e-6 (1e-6 x batch
+            1 x accumulation 4 x 2 GPUs, ``scale_lr``; ``script/submit.py``), 0.4x PVA-FT's 2e-5.
+        cd_params: What ``custom-diffusion`` fine-tunes: ``crossattn`` (every cross-attention
+            weight, the paper's runs) or ``crossattn_kv`` (K/V only, Custom Diffusion's default).
+        cd_eval_steps: Also score ``custom-diffusion`` after these fine-tuning steps (its
+            inpainting track, as methods ``custom-diffusion@<steps>``), e.g. ``(40, 100, 300)``.
+        prior_data: Shards of OTHER persons for Custom Diffusion's prior preservation (off
+            when ``None``); its ``prior_split`` photos, wholeface-masked, ``photo of a person``.
+        prior_split: Split of ``prior_data`` to draw prior photos from.
+        prior_weight: Weight of the prior-preservation loss.
+    """
+
+    ft_steps: int = 40
+    ft_lr: float = 1e-5
+    cd_steps: int = 1000
+    cd_lr: float | None = None
+    cd_params: Literal["crossattn", "crossattn_kv"] = "crossattn"
+    cd_eval_steps: Sequence[int] = ()
+    prior_data: str | None = None
+    prior_split: str = "train"
+    prior_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_ranges("--", vars(self), RANGES)
+        if self.cd_params not in CD_PARAMS:
+            message = f"--cd-params must be one of {', '.join(CD_PARAMS)}"
+            raise ValueError(f"{message}, got {self.cd_params!r}")
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How ``pva evaluate`` scores the outputs (the protocol, its models).
+
+    Args:
+        protocol: ``ours`` or ``paper`` (the command's description says how each scores).
+        recognizer: Scoring recognizer: ``dlib``, an arcface_torch ``.pth`` (paper: Glint360K
+            CosFace R100) or an InsightFace ``.onnx`` / model folder.
+        inception_weights: FID Inception weights file; FID/KID are skipped without it.
+        clip_weights: open-clip ViT-B/32 checkpoint for the editing CLIP score.
+        feature_fn: Inject a feature extractor for FID/KID instead (tests, other backbones).
+    """
+
+    protocol: Literal["ours", "paper"] = "ours"
+    recognizer: str = "dlib"
+    inception_weights: str | None = None
+    clip_weights: str | None = None
+    feature_fn: FeatureFn | None = None
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            message = f"--protocol must be one of {', '.join(PROTOCOLS)}"
+            raise ValueError(f"{message}, got {self.protocol!r}")
+
+
 def _png(path: Path, image: torch.Tensor) -> None:
     """(3, H, W) in [-1, 1] -> PNG, written atomically."""
     arr = ((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
@@ -199,39 +323,21 @@ def _stem(sample: dict) -> str:
 
 
 class Evaluator:
-    """Generation and scoring for :func:`evaluate` (see the module docstring for arguments)."""
+    """Generation for :func:`evaluate`: each method's outputs for each person."""
 
     def __init__(
-        self,
-        model: PVAModel,
-        out: Path,
-        guidance: float,
-        edit_guidance: float,
-        steps: int,
-        eta: float,
-        ft_steps: int,
-        cd_steps: int,
-        seed: int,
-        paste_back: bool,
-        batch_size: int,
-        cd_eval_steps: Sequence[int] = (),
-        ft_lr: float = 1e-5,
-        cd_variant: str = "custom-diffusion",
-        cd_lr: float | None = None,
+        self, model: PVAModel, out: Path, sampling: Sampling, fine_tuning: FineTuning
     ) -> None:
         self.model, self.out = model.eval(), out
-        self.guidance, self.edit_guidance, self.steps, self.eta = (
-            guidance,
-            edit_guidance,
-            steps,
-            eta,
-        )
-        self.ft_steps, self.cd_steps, self.seed = ft_steps, cd_steps, seed
-        self.cd_eval_steps = tuple(k for k in cd_eval_steps if 0 < k < cd_steps)
-        self.ft_lr = ft_lr
-        self.cd_lr = ft_lr if cd_lr is None else cd_lr
-        self.cd_variant = cd_variant
-        self.paste_back, self.batch_size = paste_back, batch_size
+        self.guidance, self.edit_guidance = sampling.guidance, sampling.edit_guidance
+        self.steps, self.eta, self.seed = sampling.steps, sampling.eta, sampling.seed
+        self.paste_back, self.batch_size = bool(sampling.paste_back), sampling.batch_size
+        ft = fine_tuning
+        self.ft_steps, self.cd_steps = ft.ft_steps, ft.cd_steps
+        self.cd_eval_steps = tuple(k for k in ft.cd_eval_steps if 0 < k < ft.cd_steps)
+        self.ft_lr = ft.ft_lr
+        self.cd_lr = ft.ft_lr if ft.cd_lr is None else ft.cd_lr
+        self.cd_variant = CD_PARAMS[ft.cd_params]
         self.generated = 0
         self.prior: Callable[[torch.Generator], dict] | None = None  # custom-diffusion only
         self.prior_weight = 1.0
@@ -445,35 +551,10 @@ def evaluate(
     adapter: str | None = None,
     backbone: str | None = None,
     face_model: str | None = None,
-    split: str = "test",
-    num_refs: int = 5,
-    masks: Sequence[str] = EVAL_MASKS,
-    guidance: float = 6.0,
-    edit_guidance: float = 15.0,
-    steps: int = 100,
-    eta: float = 1.0,
-    ft_steps: int = 40,
-    cd_steps: int = 1000,
-    edit: bool = True,
-    recognizer: str = "dlib",
-    inception_weights: str | None = None,
-    feature_fn: FeatureFn | None = None,
-    clip_weights: str | None = None,
-    paste_back: bool | None = None,
-    max_persons: int | None = None,
-    persons: Sequence[str] | None = None,
-    shard_index: int = 0,
-    num_shards: int = 1,
-    batch_size: int = 4,
-    seed: int = 0,
-    prior_data: str | None = None,
-    prior_split: str = "train",
-    prior_weight: float = 1.0,
-    cd_eval_steps: Sequence[int] = (),
-    ft_lr: float = 1e-5,
-    cd_params: Literal["crossattn", "crossattn_kv"] = "crossattn",
-    protocol: Literal["ours", "paper"] = "ours",
-    cd_lr: float | None = None,
+    selection: Selection = Selection(),
+    sampling: Sampling = Sampling(),
+    fine_tuning: FineTuning = FineTuning(),
+    scoring: Scoring = Scoring(),
     overwrite: bool = False,
 ) -> dict:
     """The paper's evaluation protocol for PVA and baselines (resumable, shardable).
@@ -498,44 +579,10 @@ def evaluate(
         adapter: PVA adapter (needed by every method but ``sd-inpaint``).
         backbone: SD2-inpainting folder; default: the one recorded in the adapter.
         face_model: Conditioning arcface_torch ``.pth``; default: recorded in the adapter.
-        split: Split to evaluate.
-        num_refs: References per person (1..5).
-        masks: Evaluation masks.
-        guidance: Inpainting guidance (paper: 1 or 6).
-        edit_guidance: Editing guidance (paper: 15 or 30).
-        steps: DDIM steps (paper: 100).
-        eta: DDIM eta (paper: 1.0).
-        ft_steps: Steps of ``pva-ft40`` / ``crossqkv-ft40`` (40).
-        cd_steps: Steps of ``custom-diffusion`` (1000).
-        edit: Run the editing track.
-        recognizer: Scoring recognizer: ``dlib``, an arcface_torch ``.pth`` (paper: Glint360K
-            CosFace R100) or an InsightFace ``.onnx`` / model folder.
-        inception_weights: FID Inception weights file; FID/KID are skipped without it.
-        feature_fn: Inject a feature extractor for FID/KID instead (tests, other backbones).
-        clip_weights: open-clip ViT-B/32 checkpoint for the editing CLIP score.
-        paste_back: Paste input pixels outside the mask; ``None``: off (the paper's protocol
-            keeps it off and refuses ``True``).
-        max_persons: Evaluate only the first persons (quick runs).
-        persons: Evaluate only these person ids of ``split``, in this order (before
-            ``max_persons`` and sharding); an id not in the split is an error.
-        shard_index: This process's shard of persons.
-        num_shards: Number of processes sharing the persons.
-        batch_size: Images per sampling call.
-        seed: Sampling and adaptation seed.
-        prior_data: Shards of OTHER persons for Custom Diffusion's prior preservation (off
-            when ``None``); its ``prior_split`` photos, wholeface-masked, ``photo of a person``.
-        prior_split: Split of ``prior_data`` to draw prior photos from.
-        prior_weight: Weight of the prior-preservation loss.
-        cd_eval_steps: Also score ``custom-diffusion`` after these fine-tuning steps (its
-            inpainting track, as methods ``custom-diffusion@<steps>``), e.g. ``(40, 100, 300)``.
-        ft_lr: Attention learning rate of every fine-tuning method per (target x timestep
-            draw) of a step (METHOD 7: 1e-5, which is 2e-5 per step of 2 draws).
-        cd_params: What ``custom-diffusion`` fine-tunes: ``crossattn`` (every cross-attention
-            weight, the paper's runs) or ``crossattn_kv`` (K/V only, Custom Diffusion's default).
-        protocol: ``ours`` or ``paper`` (see above).
-        cd_lr: ``custom-diffusion``'s attention learning rate per (target x timestep draw);
-            ``None``: ``ft_lr``. The paper's Custom Diffusion runs stepped at 8e-6 (1e-6 x batch
-            1 x accumulation 4 x 2 GPUs, ``scale_lr``; ``script/submit.py``), 0.4x PVA-FT's 2e-5.
+        selection: Which persons, targets and masks (:class:`Selection`).
+        sampling: How each output is sampled (:class:`Sampling`).
+        fine_tuning: How the fine-tuning methods adapt (:class:`FineTuning`).
+        scoring: How the outputs are scored (:class:`Scoring`).
         overwrite: Delete ``out`` first. Otherwise an existing ``out`` is resumed only when
             ``OUT/run.json`` shows it was made from the same inputs and settings (the data's and
             models' content stamps, split, masks, sampling and fine-tuning settings, protocol);
@@ -549,19 +596,40 @@ def evaluate(
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
-    check_ranges("--", locals(), RANGES)
-    if shard_index >= num_shards:
-        message = f"--shard-index must be below --num-shards ({num_shards})"
-        raise ValueError(f"{message}, got {shard_index}")
+    split, num_refs, masks, edit = (
+        selection.split,
+        selection.num_refs,
+        selection.masks,
+        selection.edit,
+    )
+    persons, max_persons = selection.persons, selection.max_persons
+    shard_index, num_shards = selection.shard_index, selection.num_shards
+    guidance, edit_guidance, steps, eta = (
+        sampling.guidance,
+        sampling.edit_guidance,
+        sampling.steps,
+        sampling.eta,
+    )
+    seed, paste_back = sampling.seed, sampling.paste_back
+    ft_steps, ft_lr, cd_steps, cd_lr, cd_params = (
+        fine_tuning.ft_steps,
+        fine_tuning.ft_lr,
+        fine_tuning.cd_steps,
+        fine_tuning.cd_lr,
+        fine_tuning.cd_params,
+    )
+    prior_data, prior_split, prior_weight = (
+        fine_tuning.prior_data,
+        fine_tuning.prior_split,
+        fine_tuning.prior_weight,
+    )
+    protocol, recognizer, feature_fn = scoring.protocol, scoring.recognizer, scoring.feature_fn
+    inception_weights, clip_weights = scoring.inception_weights, scoring.clip_weights
     if overwrite and num_shards > 1:
         raise ValueError(
             "--overwrite deletes --out, so it cannot run in --num-shards processes; "
             "delete --out first, then start them"
         )
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
-    if cd_params not in CD_PARAMS:
-        raise ValueError(f"--cd-params must be one of {', '.join(CD_PARAMS)}, got {cd_params!r}")
     paper = protocol == "paper"
     if paper and paste_back:
         message = "--protocol paper keeps paste-back off (the reference composites nothing)"
@@ -652,23 +720,8 @@ def evaluate(
     dm = ShardDataModule(data, max_refs=num_refs, eval_masks=tuple(masks), num_workers=0)
     stream = dm.stream(split, False)
     stream.rank, stream.world_size = 0, 1
-    ev = Evaluator(
-        model,
-        out_dir,
-        guidance,
-        edit_guidance,
-        steps,
-        eta,
-        ft_steps,
-        cd_steps,
-        seed,
-        paste_back,
-        batch_size,
-        cd_eval_steps,
-        ft_lr,
-        CD_PARAMS[cd_params],
-        cd_lr,
-    )
+    settings = dataclasses.replace(sampling, paste_back=paste_back)
+    ev = Evaluator(model, out_dir, settings, fine_tuning)
     if prior_data is not None:
         ev.prior = _prior_sampler(prior_data, prior_split, num_refs)
         ev.prior_weight = prior_weight

@@ -30,7 +30,7 @@ from pva.checks import POSITIVE, POSITIVE_INT, Range, RangeError
 from pva.cli import COMMANDS, build_parser, main, run
 from pva.data.writer import BUILD_RANGES, build_shards
 from pva.evaluate import RANGES as EVALUATE_RANGES
-from pva.evaluate import evaluate
+from pva.evaluate import FineTuning, Sampling, Scoring, Selection, evaluate
 from pva.model import CONFIG_RANGES, PVAConfig
 from pva.module import MODULE_RANGES, PVAModule
 from pva.pipeline import CALL_RANGES, PVAInpaintPipeline
@@ -217,18 +217,23 @@ def test_every_numeric_config_value_is_checked_on_construction(owner):
 
 
 def test_the_functions_behind_the_commands_check_every_number():
+    settings = (Selection, Sampling, FineTuning, Scoring)
+    evaluate_numbers = {n for cls in settings for n in _numeric_params(cls)}
+    assert evaluate_numbers == set(EVALUATE_RANGES)
+    assert not _numeric_params(evaluate)  # its numbers are all in the settings
     for fn, ranges in (
-        (evaluate, EVALUATE_RANGES),
         (build_shards, BUILD_RANGES),
         (PVAInpaintPipeline.__call__, CALL_RANGES),
     ):
         assert set(_numeric_params(fn)) == set(ranges), fn.__name__
     with pytest.raises(RangeError, match="--ft-steps must be an integer >= 1, got 0"):
-        evaluate("data", "out", ft_steps=0)
+        FineTuning(ft_steps=0)
     with pytest.raises(RangeError, match="--shard-index must be an integer >= 0"):
-        evaluate("data", "out", shard_index=-1)
+        Selection(shard_index=-1)
     with pytest.raises(ValueError, match="--shard-index must be below --num-shards"):
-        evaluate("data", "out", shard_index=2, num_shards=2)
+        Selection(shard_index=2, num_shards=2)
+    with pytest.raises(RangeError, match="--cd-eval-steps must be an integer >= 1, got 0"):
+        FineTuning(cd_eval_steps=(40, 0))
 
 
 def test_train_py_refuses_bad_config_values_in_one_line(tiny_assets, tmp_path):

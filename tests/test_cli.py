@@ -217,11 +217,10 @@ def test_pva_train_is_train_py(tiny_assets, tmp_path):
 
 
 def test_every_command_is_generated_from_its_function_and_docstring():
+    import dataclasses
     import inspect
 
-    import docstring_parser
-
-    from pva.cli import COMMANDS, _plain, build_parser
+    from pva.cli import _REQUIRED, COMMANDS, _plain, build_parser
 
     parser = build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -231,20 +230,25 @@ def test_every_command_is_generated_from_its_function_and_docstring():
             group = sub.choices[word]
             sub = next(a for a in group._actions if isinstance(a, argparse._SubParsersAction))
         cmd_parser = sub.choices[command.name.split()[-1]]
-        fn = command.function()
-        docs = {p.arg_name: p.description for p in docstring_parser.parse(fn.__doc__).params}
         by_dest = {a.dest: a for a in cmd_parser._actions}
+        options = {o.name: o for o in command.options()}
+        fn = command.function()
+        expected = set()  # every parameter, or every field of a dataclass parameter
         for name, param in inspect.signature(fn).parameters.items():
-            if name in command.hidden:
-                assert name not in by_dest
-                continue
-            action = by_dest[name]  # every parameter is a flag (or a positional)
-            first_words = _plain(docs[name]).split()[:2]
-            assert all(w.strip(".") in action.help for w in first_words), (command.name, name)
-            if param.default is not inspect.Parameter.empty:
-                assert action.default == param.default, (command.name, name)
+            default = param.default
+            if dataclasses.is_dataclass(default):
+                expected |= {f.name for f in dataclasses.fields(default)}
             else:
+                expected.add(name)
+        assert set(options) == expected - set(command.hidden), command.name
+        for name, option in options.items():
+            action = by_dest[name]  # a flag (or a positional) per option
+            first_words = _plain(option.doc).split()[:2]
+            assert all(w.strip(".") in action.help for w in first_words), (command.name, name)
+            if option.default is _REQUIRED:
                 assert action.required or not action.option_strings, (command.name, name)
+            else:
+                assert action.default == option.default, (command.name, name)
 
 
 def test_a_new_command_is_one_function(tmp_path, capsys, monkeypatch):

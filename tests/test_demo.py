@@ -177,8 +177,8 @@ def test_quick_demo_runs_every_stage_and_reports(quick_demo):
             ran["seed"],
         )
         assert args.ft_lr == pytest.approx(ran["ft_lr"])
-        assert args.paste_back and args.no_edit and args.methods.split(",") == ran["methods"]
-        assert args.persons.split(",") == ran["persons"]
+        assert args.paste_back and args.edit is False and list(args.methods) == ran["methods"]
+        assert list(args.persons) == ran["persons"]
         if track == "cd":
             assert args.cd_steps == ran["cd_steps"]
             assert args.cd_lr == pytest.approx(ran["cd_lr"]) and args.cd_lr < args.ft_lr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -14,10 +15,11 @@ from conftest import FACES
 from data_fixtures import _shrink
 from PIL import Image
 
+import pva.evaluate
 from pva.adapter import save_adapter
 from pva.data.schema import read_index
 from pva.data.writer import build_shards
-from pva.evaluate import EDIT_SUFFIXES, evaluate
+from pva.evaluate import EDIT_SUFFIXES, FineTuning, Sampling, Scoring, Selection
 from pva.faces import detect_landmarks, load_rgb
 from pva.metrics import (
     ClipScorer,
@@ -31,6 +33,21 @@ from pva.metrics import (
 from pva.model import PVAModel
 from pva.recognizers import DlibRecognizer, build_recognizer
 from pva.tiny import build_tiny_face_model, tiny_pva_config
+
+
+def evaluate(data: str, out: str, **options) -> dict:
+    """pva.evaluate.evaluate with its settings given flat, as the flags name them."""
+    groups = {}
+    for name, cls in (
+        ("selection", Selection),
+        ("sampling", Sampling),
+        ("fine_tuning", FineTuning),
+        ("scoring", Scoring),
+    ):
+        fields = {f.name for f in dataclasses.fields(cls)}
+        picked = {k: options.pop(k) for k in list(options) if k in fields}
+        groups[name] = cls(**picked)
+    return pva.evaluate.evaluate(data, out, **groups, **options)
 
 
 def _embed_all(scorer, files):

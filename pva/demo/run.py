@@ -320,7 +320,7 @@ def eval_dir(out: Path, seed: int, track: str) -> Path:
 def _eval_kwargs(
     out: Path, size: DemoSize, seed: int, persons: list[str], track: str = "wide"
 ) -> dict:
-    """``pva evaluate``'s arguments for one seed's ``track`` (``persons``: the seed's all)."""
+    """``pva evaluate``'s options for one seed's ``track`` (``persons``: the seed's all)."""
     methods = method_rows(size) if track == "wide" else ["pva-ft40", "custom-diffusion"]
     return {
         "data": str(out / "shards"),
@@ -345,30 +345,17 @@ def _eval_kwargs(
     }
 
 
-def _eval_command(kw: dict) -> str:
-    cd = ""
-    if "custom-diffusion" in kw["methods"]:
-        cd = (
-            f" --cd-steps {kw['cd_steps']} "
-            f"--cd-eval-steps {','.join(map(str, kw['cd_eval_steps']))} "
-            f"--cd-lr {kw['cd_lr']:g} --prior-data {kw['prior_data']} "
-            f"--prior-split {kw['prior_split']}"
-        )
-    return (
-        f"pva evaluate --data {kw['data']} --out {kw['out']} --methods {','.join(kw['methods'])} "
-        f"--adapter {kw['adapter']} --recognizer {kw['recognizer']} --steps {kw['steps']} "
-        f"--ft-steps {kw['ft_steps']}{cd} --ft-lr {kw['ft_lr']:g} "
-        f"--guidance {kw['guidance']:g} --no-edit --paste-back "
-        f"--persons {','.join(kw['persons'])} --seed {kw['seed']}"
-    )
+def _evaluate_command():
+    """``pva evaluate`` as :mod:`pva.cli` builds it (its options, call and command line)."""
+    from pva.cli import COMMANDS
+
+    return next(c for c in COMMANDS if c.name == "evaluate")
 
 
 def _eval_shard(kw: dict, shard: int, shards: int) -> None:
     """One evaluation worker's share of a seed's persons, on one thread (a pool process)."""
-    from pva.evaluate import evaluate
-
     torch.set_num_threads(1)
-    evaluate(**kw, shard_index=shard, num_shards=shards)
+    _evaluate_command().call({**kw, "shard_index": shard, "num_shards": shards})
 
 
 def _stage_evaluate(out: Path, size: DemoSize, seeds: list[int], workers: int) -> dict:
@@ -383,12 +370,11 @@ def _stage_evaluate(out: Path, size: DemoSize, seeds: list[int], workers: int) -
     """
     import multiprocessing
 
-    from pva.evaluate import evaluate
-
+    command_of = _evaluate_command()
     persons = seed_persons(out, size, seeds)
     jobs = [(s, t) for t in reversed(TRACKS) for s in seeds]  # cd first: the long shares
     kws = {(s, t): _eval_kwargs(out, size, s, persons[s], t) for s, t in jobs}
-    commands = {job: _eval_command(kw) for job, kw in kws.items()}
+    commands = {job: command_of.command_line(kw) for job, kw in kws.items()}
     for (s, t), command in commands.items():
         print(f"evaluate, seed {s} ({t}): {command}", flush=True)
     if workers > 1:
@@ -409,7 +395,7 @@ def _stage_evaluate(out: Path, size: DemoSize, seeds: list[int], workers: int) -
                 f"to score"
             )
     for job in jobs:
-        evaluate(**kws[job])  # generates what is missing (nothing after the workers), then scores
+        command_of.call(kws[job])  # generates what is missing (nothing after the workers), scores
     return {"commands": [commands[(s, t)] for s in seeds for t in TRACKS]}
 
 
