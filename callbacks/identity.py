@@ -18,6 +18,7 @@ from torch import Tensor
 
 from pva.checks import GUIDANCE, NONNEGATIVE_INT, POSITIVE_INT, SEED, check_ranges
 from pva.module import PVAModule
+from pva.objective import box_mask, make_batch
 from pva.prompts import UNCOND_PROMPT, conditional_prompt
 from pva.recognizers import Recognizer, build_recognizer
 from pva.sampling import ddim_inpaint
@@ -237,24 +238,28 @@ class PersonalizationCheck(L.Callback):
         self.last: dict[str, float] = {}
 
     def _score(self, model, person: dict, target: int, refs: list[int]) -> float:
-        image = person["images"][target][None]
-        x0, y0, x1, y1 = person["boxes"][target]
-        mask = torch.zeros(1, 1, *image.shape[-2:])
-        mask[..., int(y0) : int(y1), int(x0) : int(x1)] = 1.0
+        image = person["images"][target]  # (3, S, S)
+        sample = {
+            "image": image,
+            "mask": box_mask(image.shape[-1], person["boxes"][target]),  # (1, S, S)
+            "references": list(person["references"][refs]),
+            "prompt": conditional_prompt(model.modifier_token.token),
+        }
+        batch = make_batch([sample])  # the one target, its K references
         gen = torch.Generator(device=model.device).manual_seed(self.seed)
         out = ddim_inpaint(
             model,
-            image,
-            mask,
-            person["references"][refs][None],
-            [conditional_prompt(model.modifier_token.token)],
+            batch["image"],
+            batch["mask"],
+            batch["references"],
+            batch["prompt"],
             guidance_scale=self.guidance,
             num_steps=self.ddim_steps,
             generator=gen,
         ).cpu()
         assert self._recognizer is not None
         lm = person["landmarks"][target][None].numpy()
-        return float(self._recognizer.similarity(out, image, lm)[0])
+        return float(self._recognizer.similarity(out, batch["image"], lm)[0])
 
     def run(self, trainer: L.Trainer, pl_module: PVAModule) -> dict[str, float]:
         """Personalize, score before and after, restore, log; returns the logged scalars."""

@@ -25,12 +25,14 @@ fine-tuning loop make) is a dict:
 ==========================  =====================================================================
 
 The keyed entries let :class:`EncodingCache` fill in the optional encodings; a batch may carry
-more (``landmarks``, ``person``, ``skipped``) for callbacks and logging.
+more (``landmarks``, ``person``, ``skipped``) for callbacks and logging. :func:`make_batch`
+builds one from per-target samples (the shard stream, fine-tuning and the personalization
+check use it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -104,6 +106,56 @@ def fused_adam_ok(params: Iterable[Tensor | dict]) -> bool:
     return bool(tensors) and all(
         t.is_floating_point() and t.device.type in ("cpu", "cuda") for t in tensors
     )
+
+
+def box_mask(size: int, box: Sequence[float]) -> Tensor:
+    """(1, size, size) float mask, 1 inside ``[x0, y0, x1, y1)`` (clipped to the image)."""
+    mask = torch.zeros(1, size, size)
+    x0, y0, x1, y1 = (max(int(v), 0) for v in box)
+    mask[:, y0:y1, x0:x1] = 1.0
+    return mask
+
+
+def make_batch(
+    samples: Sequence[Mapping[str, Any]], reference_shape: Sequence[int] = (3, 112, 112)
+) -> dict[str, Any]:
+    """A training batch (the module docstring's schema) from per-target samples.
+
+    Args:
+        samples: One dict per target with ``image`` (3, H, W), ``mask`` (1, H, W) and
+            ``prompt``; optionally ``references``, a list of (3, h, w) (any number per sample:
+            they are padded to the longest, padding marked in ``reference_mask``) and
+            ``reference_keys``, one per reference (padded with ``""``). Every other entry is
+            stacked when it is a tensor and listed otherwise.
+        reference_shape: The shape of a reference when no sample has one.
+
+    Returns:
+        The batch: tensors (B, ...), lists of B values, ``references`` (B, K, 3, h, w) and
+        ``reference_mask`` (B, K) bool when the samples have references.
+    """
+    batch: dict[str, Any] = {}
+    for key in samples[0]:
+        if key in ("references", "reference_keys"):
+            continue
+        values = [s[key] for s in samples]
+        batch[key] = torch.stack(values) if isinstance(values[0], Tensor) else values
+    if "references" in samples[0]:
+        refs = [list(s["references"]) for s in samples]
+        width = max(1, max(len(r) for r in refs))
+        shape = next((tuple(r[0].shape) for r in refs if r), tuple(reference_shape))
+        references = torch.zeros(len(samples), width, *shape)  # (B, K, 3, h, w)
+        reference_mask = torch.zeros(len(samples), width, dtype=torch.bool)  # (B, K)
+        for b, row in enumerate(refs):
+            for j, r in enumerate(row):
+                references[b, j], reference_mask[b, j] = r, True
+        batch["references"], batch["reference_mask"] = references, reference_mask
+    if "reference_keys" in samples[0]:
+        batch["reference_keys"] = [  # (B, K) strings, "" = padding
+            list(s["reference_keys"])
+            + [""] * (batch["references"].shape[1] - len(s["reference_keys"]))
+            for s in samples
+        ]
+    return batch
 
 
 class EncodingCache:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from pva.attention import identity_processors
 from pva.model import PVAModel
-from pva.objective import EncodingCache, denoising_loss, fused_adam_ok
+from pva.objective import EncodingCache, box_mask, denoising_loss, fused_adam_ok, make_batch
 from pva.prompts import conditional_prompt
 
 FTVariant = Literal["pva", "crossqkv", "custom-diffusion", "custom-diffusion-kv"]
@@ -214,33 +214,28 @@ def personalized(
 
                 iterator = tqdm(iterator, desc="personalize", unit="step", leave=False)
             size = images.shape[-1]
+            prompt = conditional_prompt(model.modifier_token.token)
             no_identity = variant.startswith("custom-diffusion")  # trains without identity tokens
             cache = EncodingCache(device)  # (photo, flip) -> moments, (E,) embedding
             for step in iterator:
                 targets = [(step * batch_size + b) % n for b in range(batch_size)]
-                batch_images, batch_masks, batch_refs, keys = [], [], [], []
+                samples, batch_refs, keys = [], [], []
                 for t in targets:
                     image, (x0, y0, x1, y1) = images[t], boxes[t]
                     flip = bool(torch.rand((), generator=flip_gen) < hflip_prob)
                     if flip:
                         image, (x0, x1) = image.flip(-1), (size - x1, size - x0)
-                    mask = torch.zeros(1, size, size)
-                    mask[:, int(y0) : int(y1), int(x0) : int(x1)] = 1.0
-                    batch_images.append(image)
-                    batch_masks.append(mask)
+                    mask = box_mask(size, (x0, y0, x1, y1))  # (1, S, S)
+                    samples.append({"image": image, "mask": mask, "prompt": prompt})
                     batch_refs.append(fine_tune_references(n, t, flip_gen, ref_hflip_prob))
                     keys.append((t, flip))
-                batch = {
-                    "image": torch.stack(batch_images),
-                    "mask": torch.stack(batch_masks),
-                    "prompt": [conditional_prompt(model.modifier_token.token)] * batch_size,
-                }
+                batch = make_batch(samples)  # image (B, 3, S, S), mask (B, 1, S, S), prompt
                 if not reuse_encodings:
                     cache = EncodingCache(device)  # a fresh one each step: nothing reused
                 with torch.no_grad():
                     if reuse_encodings:
                         latent, masked = [], []
-                        for (t, flip), image, mask in zip(keys, batch_images, batch_masks):
+                        for (t, flip), image, mask in zip(keys, batch["image"], batch["mask"]):
                             hole = (image * (mask < 0.5))[None]  # (1, 3, S, S)
                             latent.append(cache.encode_moments(model, [(t, flip)], image[None]))
                             masked.append(cache.encode_moments(model, [(t, flip, "masked")], hole))

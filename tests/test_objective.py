@@ -57,3 +57,57 @@ def test_identity_dropout_hides_identity_rows(make_model):
     g = torch.Generator().manual_seed(0)
     dropped = denoising_loss(model, batch, 2, identity_dropout=1.0, generator=g)
     assert torch.isfinite(full) and torch.isfinite(dropped) and full != dropped
+
+
+def test_make_batch_stacks_lists_and_pads_references():
+    from pva.objective import box_mask, make_batch
+
+    ref = torch.rand(3, 8, 8)
+    samples = [
+        {
+            "image": torch.rand(3, 16, 16),
+            "mask": box_mask(16, (2, 3, 10, 12)),
+            "prompt": f"p{i}",
+            "references": [ref] * k,
+            "reference_keys": [f"r{i}/{j}" for j in range(k)],
+            "person": f"id{i}",
+        }
+        for i, k in enumerate((2, 0, 3))
+    ]
+    batch = make_batch(samples)
+    assert batch["image"].shape == (3, 3, 16, 16) and batch["mask"].shape == (3, 1, 16, 16)
+    assert batch["prompt"] == ["p0", "p1", "p2"] and batch["person"] == ["id0", "id1", "id2"]
+    assert batch["references"].shape == (3, 3, 3, 8, 8)
+    assert batch["reference_mask"].tolist() == [[1, 1, 0], [0, 0, 0], [1, 1, 1]]
+    assert torch.equal(batch["references"][2, 1], ref) and not batch["references"][1].any()
+    assert (
+        batch["reference_keys"][0] == ["r0/0", "r0/1", ""]
+        and batch["reference_keys"][1] == [""] * 3
+    )
+    mask = batch["mask"][0, 0]
+    assert mask[3:12, 2:10].all() and mask.sum() == 9 * 8
+    assert box_mask(8, (-2, -1, 3, 2))[0].sum() == 3 * 2  # clipped, not wrapped around
+
+
+def test_encoding_cache_runs_each_encoder_once_per_key(make_model):
+    from conftest import count_calls
+
+    from pva.objective import EncodingCache
+
+    model = make_model().eval()
+    calls = {"vae": 0, "face": 0}
+    count_calls(calls, "vae", model, "encode_moments")
+    count_calls(calls, "face", model.identity_encoder, "embed")
+    cache = EncodingCache()
+    images = torch.rand(3, 3, 64, 64) * 2 - 1
+    first = cache.encode_moments(model, ["a", "b", "a"], images[[0, 1, 0]])
+    again = cache.encode_moments(model, ["b", "a", "c"], images[[1, 0, 2]])
+    assert calls["vae"] == 2  # a and b in one call, c in another
+    assert torch.equal(first[0], again[1]) and torch.equal(first[1], again[0])
+    with torch.no_grad():
+        fresh = model.encode_moments(images[2:3]).float().cpu()
+    assert torch.equal(again[2:], fresh)
+    faces = torch.rand(2, 3, 64, 64) * 2 - 1
+    e1 = cache.embed_faces(model, ["f", "g"], faces)
+    e2 = cache.embed_faces(model, ["g", "f"], faces.flip(0))
+    assert calls["face"] == 1 and torch.equal(e1, e2.flip(0)) and len(cache) == 5

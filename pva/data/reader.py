@@ -41,6 +41,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from pva.data.masks import EVAL_MASKS, eval_mask, flip_box, training_mask
 from pva.data.schema import BadRecordError, Person, parse_record
+from pva.objective import make_batch
 from pva.prompts import MODIFIER_TOKEN, conditional_prompt
 
 log = logging.getLogger(__name__)
@@ -393,28 +394,13 @@ class PersonStream(IterableDataset):
                 refs, keys = refs + [refs[-1].flip(-1)], keys + [toggle_flip(keys[-1])]
             ref_lists.append(refs)
             key_lists.append(keys)
-        width = max(1, max(len(r) for r in ref_lists))
-        shape = samples[0]["references"][0].shape if samples[0]["references"] else (3, 112, 112)
-        references = torch.zeros(len(samples), width, *shape)
-        reference_mask = torch.zeros(len(samples), width, dtype=torch.bool)
-        for b, refs in enumerate(ref_lists):
-            for j, r in enumerate(refs):
-                references[b, j], reference_mask[b, j] = r, True
-        batch = {
-            key: torch.stack([s[key] for s in samples])
-            for key in ("image", "mask", "masked_image", "landmarks")
-        }
-        batch.update(
-            references=references,
-            reference_mask=reference_mask,
-            prompt=[s["prompt"] for s in samples],
-            image_key=[s["image_key"] for s in samples],
-            reference_keys=[keys + [""] * (width - len(keys)) for keys in key_lists],  # (B, K)
-            person=[s["person"] for s in samples],
-            file=[s["file"] for s in samples],
-            mask_region=[s["mask_region"] for s in samples],
-            skipped=torch.tensor(self._skipped),
+        batch = make_batch(
+            [
+                {**s, "references": refs, "reference_keys": keys}
+                for s, refs, keys in zip(samples, ref_lists, key_lists)
+            ]
         )
+        batch["skipped"] = torch.tensor(self._skipped)
         self._skipped = 0
         return batch
 
