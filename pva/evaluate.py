@@ -70,7 +70,7 @@ from pva.metrics import (
 )
 from pva.model import PVAModel
 from pva.personalize import personalized
-from pva.prompts import UNCOND_PROMPT, conditional_prompt
+from pva.prompts import EDIT_SUFFIXES, UNCOND_PROMPT, conditional_prompt, edit_prompt
 from pva.recognizers import PaperIdentityScorer, build_recognizer
 from pva.sampling import ddim_inpaint
 
@@ -136,25 +136,6 @@ for _metric in (
     ),
 ):
     register_metric(_metric)
-EDIT_SUFFIXES = (
-    "laughing",
-    "serious",
-    "smiling",
-    "looking sad",
-    "angry",
-    "surprised",
-    "has beard",
-    "with heavy makeup",
-    "wearing lipstick",
-    "making a funny face",
-    "putting the tongue out",
-    "singing with a microphone",
-    "smoking, has a cigarette",
-    "wearing eyeglasses",
-    "wearing sunglasses",
-)
-"""The 15 editing prompts of METHOD section 8 (``lib/dataset.py:11-27``):
-``photo of a <new1> person, <suffix>``."""
 PROTOCOLS = ("ours", "paper")
 """``pva evaluate --protocol``: ``ours`` or ``paper`` (see :func:`evaluate`)."""
 RANGES = {
@@ -427,8 +408,8 @@ class Evaluator:
                 )
                 self._write(method, pid, todo, outs)
             if edit_todo:
-                token = self.model.modifier_token.token + " " if spec.token else ""
-                prompts = [f"photo of a {token}person, {EDIT_SUFFIXES[k]}" for _, k in edit_todo]
+                token = self.model.modifier_token.token if spec.token else None
+                prompts = [edit_prompt(EDIT_SUFFIXES[k], token) for _, k in edit_todo]
                 edit_samples = [e for e, _ in edit_todo]
                 outs = self._sample(method, edit_samples, refs, prompts, "edit", self.edit_guidance)
                 for (edit, k), o in zip(edit_todo, outs):
@@ -803,7 +784,7 @@ def score(
         "methods": {},
         "recognizer": scorer.name,
         "kid_scale": kid_scale,
-        "edit_prompts": [f"{conditional_prompt()}, {s}" for s in EDIT_SUFFIXES],
+        "edit_prompts": [edit_prompt(s) for s in EDIT_SUFFIXES],
     }
     timings: dict = defaultdict(lambda: defaultdict(list))
     for f in sorted((out / "_timings").glob("*.json")):
@@ -846,7 +827,7 @@ def score(
         edits = sorted(out.glob(f"{method}/*/edit/*.png"))
         if edits and clip is not None:
             prompts = [
-                f"photo of a person, {EDIT_SUFFIXES[int(p.stem.rsplit('_', 1)[1])]}" for p in edits
+                edit_prompt(EDIT_SUFFIXES[int(p.stem.rsplit("_", 1)[1])], None) for p in edits
             ]
             scores = []
             for i in range(0, len(edits), 64):  # bounded memory on the paper's 47k edits

@@ -201,7 +201,7 @@ def bench(out: Path, size: RehearsalSize) -> dict:
     from pva.apps import load_pipeline, person_tensors
     from pva.backbone import load_backbone
     from pva.personalize import personalized
-    from pva.prompts import TEMPLATE, UNCOND_PROMPT
+    from pva.prompts import UNCOND_PROMPT, conditional_prompt
     from pva.sampling import ddim_inpaint
 
     adapter = out / "runs" / "stage1" / "adapter.safetensors"
@@ -237,7 +237,7 @@ def bench(out: Path, size: RehearsalSize) -> dict:
             image,
             mask,
             references,
-            [TEMPLATE.format("<new1>")],
+            [conditional_prompt()],
             negative_prompt=UNCOND_PROMPT,
             guidance_scale=guidance,
             num_steps=n,
@@ -245,7 +245,7 @@ def bench(out: Path, size: RehearsalSize) -> dict:
 
     def sd_run(n: int) -> None:
         sd(
-            prompt="photo of a person",
+            prompt=UNCOND_PROMPT,
             image=pil,
             mask_image=pil_mask,
             height=s,

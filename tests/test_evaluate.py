@@ -19,7 +19,7 @@ import pva.evaluate
 from pva.adapter import save_adapter
 from pva.data.schema import read_index
 from pva.data.writer import build_shards
-from pva.evaluate import EDIT_SUFFIXES, FineTuning, Sampling, Scoring, Selection
+from pva.evaluate import FineTuning, Sampling, Scoring, Selection
 from pva.faces import detect_landmarks, load_rgb
 from pva.metrics import (
     ClipScorer,
@@ -31,6 +31,7 @@ from pva.metrics import (
     outside_mask_error,
 )
 from pva.model import PVAModel
+from pva.prompts import EDIT_SUFFIXES
 from pva.recognizers import DlibRecognizer, build_recognizer
 from pva.tiny import build_tiny_face_model, tiny_pva_config
 

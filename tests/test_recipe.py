@@ -12,10 +12,10 @@ from conftest import REPO, make_batch
 from data_fixtures import authors_bbox
 
 from pva.attention import identity_processors
-from pva.evaluate import EDIT_SUFFIXES
 from pva.faces import region_box
 from pva.module import PVAModule
 from pva.personalize import personalized, trainable_for
+from pva.prompts import EDIT_SUFFIXES
 from pva.tiny import tiny_pva_config
 
 
