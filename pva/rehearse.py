@@ -48,7 +48,7 @@ import yaml
 
 from pva.fileio import atomic_path, content_stamp, refuse_file_as_folder, remove_path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 STAGES = ("models", "data", "train", "personalize", "inpaint", "bench", "evaluate")
 
 
