@@ -102,7 +102,6 @@ def run(
     compile_unet: bool = False,
 ) -> dict:
     """Measure everything in the module docstring; returns the figures (also printed)."""
-    from diffusers import StableDiffusionInpaintPipeline
     from torch.utils.flop_counter import FlopCounterMode
 
     from pva.personalize import personalized
@@ -192,17 +191,7 @@ def run(
     pva, _ = _build(tiny, dev, dtype)
     pva.eval()
     _, stock = _build(tiny, dev, dtype)
-    sd = StableDiffusionInpaintPipeline(
-        vae=stock.vae,
-        text_encoder=stock.text_encoder,
-        tokenizer=stock.tokenizer,
-        unet=stock.unet,
-        scheduler=stock.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    sd.set_progress_bar_config(disable=True)
+    sd = stock.stock_pipeline()
     image, mask = batch["image"][:1], batch["mask"][:1]
     refs = batch["references"][:1]
     short, long = (2, 6) if tiny else (10, 30)

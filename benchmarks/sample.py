@@ -15,7 +15,6 @@ from __future__ import annotations
 import time
 
 import torch
-from diffusers import StableDiffusionInpaintPipeline
 from PIL import Image
 
 from pva.backbone import build_tiny_backbone
@@ -58,17 +57,7 @@ def bench_sample(short: int = 5, long: int = 25, cd_steps: int = 1000, guidance:
     size = 64
     pva = PVAModel(build_tiny_backbone(), build_tiny_face_model(), tiny_pva_config()).eval()
     plain = build_tiny_backbone()  # the same weights (same seed), stock processors
-    sd = StableDiffusionInpaintPipeline(
-        vae=plain.vae,
-        text_encoder=plain.text_encoder,
-        tokenizer=plain.tokenizer,
-        unet=plain.unet,
-        scheduler=plain.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    sd.set_progress_bar_config(disable=True)
+    sd = plain.stock_pipeline()
     g = torch.Generator().manual_seed(0)
     image = torch.rand(1, 3, size, size, generator=g) * 2 - 1
     mask = torch.zeros(1, 1, size, size)

@@ -143,6 +143,26 @@ class Backbone:
         """Spatial factor between image and latent (8 for SD2)."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    def stock_pipeline(self) -> Any:
+        """Diffusers' own ``StableDiffusionInpaintPipeline`` on these components.
+
+        No safety checker, progress bar off: the baseline PVA's sampler is compared with.
+        """
+        from diffusers import StableDiffusionInpaintPipeline
+
+        pipe = StableDiffusionInpaintPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet,
+            scheduler=self.scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
     def save_pretrained(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the components as a diffusers SD2-inpainting folder, atomically.
 

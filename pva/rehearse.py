@@ -195,7 +195,6 @@ def _timed_steps(fn: Callable[[Callable[[int], None]], None]) -> list[float]:
 
 def bench(out: Path, size: RehearsalSize) -> dict:
     """DDIM step beside diffusers' pipeline; PVA-FT beside Custom Diffusion, per step."""
-    from diffusers import StableDiffusionInpaintPipeline
     from PIL import Image
 
     from pva.apps import load_pipeline, person_tensors
@@ -216,17 +215,7 @@ def bench(out: Path, size: RehearsalSize) -> dict:
     mask[..., s // 2 : s * 7 // 8, s // 4 : s * 3 // 4] = 1.0
     references = person["references"][None]  # (1, K, 3, R, R)
     stock = load_backbone(out / "models" / "backbone")  # a second copy, stock processors
-    sd = StableDiffusionInpaintPipeline(
-        vae=stock.vae,
-        text_encoder=stock.text_encoder,
-        tokenizer=stock.tokenizer,
-        unet=stock.unet,
-        scheduler=stock.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    sd.set_progress_bar_config(disable=True)
+    sd = stock.stock_pipeline()
     pil = Image.fromarray(((image[0].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy())
     pil_mask = Image.fromarray((mask[0, 0] * 255).byte().numpy())
     guidance = 6.0
