@@ -201,15 +201,31 @@ def test_an_output_folder_given_as_an_existing_file(tmp_path, capsys):
 
 
 def test_pva_train_is_train_py(tiny_assets, tmp_path):
-    printed = _run(sys.executable, "-m", "pva.cli", "train", "fit", "--config",
-                   "configs/tiny.yaml", "--print_config")  # fmt: skip
+    printed = _run(
+        sys.executable,
+        "-m",
+        "pva.cli",
+        "train",
+        "fit",
+        "--config",
+        "configs/tiny.yaml",
+        "--print_config",
+    )
     assert printed.returncode == 0, printed.stderr[-2000:]
     same = _run(
         sys.executable, "train.py", "fit", "--config", "configs/tiny.yaml", "--print_config"
     )
     assert printed.stdout == same.stdout and "lr_pva: 0.000125" in printed.stdout
-    bad = _run(sys.executable, "-m", "pva.cli", "train", "fit", "--config", "configs/tiny.yaml",
-               "--model.lr_pva=.nan")  # fmt: skip
+    bad = _run(
+        sys.executable,
+        "-m",
+        "pva.cli",
+        "train",
+        "fit",
+        "--config",
+        "configs/tiny.yaml",
+        "--model.lr_pva=.nan",
+    )
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1] == (
         "pva train: error: model.lr_pva must be a finite number > 0, got nan"
