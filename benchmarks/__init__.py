@@ -16,6 +16,7 @@ BENCHMARKS: tuple[Command, ...] = (
     Command("sample", "benchmarks.sample:bench_sample", "benchmarks.sample:RANGES"),
     Command("memory", "benchmarks.memory:bench_memory", "benchmarks.memory:RANGES"),
     Command("gpu", "benchmarks.gpu:gpu_check", "benchmarks.gpu:RANGES"),
+    Command("seam", "benchmarks.seam:bench_seam", "benchmarks.seam:RANGES"),
     Command(
         "text-use", "benchmarks.probes.textuse:bench_text_use", "benchmarks.probes.textuse:RANGES"
     ),

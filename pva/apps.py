@@ -191,6 +191,7 @@ def inpaint_cli(
     seed: int = 0,
     num_images: int = 1,
     paste_back: bool = True,
+    blend: bool = True,
     backbone: str | None = None,
     face_model: str | None = None,
     overwrite: bool = False,
@@ -218,6 +219,9 @@ def inpaint_cli(
         seed: Random seed.
         num_images: Outputs.
         paste_back: Keep every pixel outside the mask equal to the input.
+        blend: Hide the seam: match the fill's colour to the photo just outside the mask and
+            feather it in over the first pixels inside the border (pixels outside the mask stay
+            the input's; with ``paste_back`` only).
         backbone: SD2-inpainting folder (default: recorded in the adapter).
         face_model: Conditioning arcface_torch ``.pth`` (default: recorded in the adapter).
         overwrite: Replace existing ``out`` files.
@@ -264,6 +268,7 @@ def inpaint_cli(
         paste_back=paste_back,
         skip_bad_references=skip_bad_refs,
         progress=True,
+        blend=blend,
     )
     for img, target in zip(result.images, targets):
         fmt = Image.registered_extensions().get(target.suffix.lower(), "PNG")

@@ -126,8 +126,10 @@ def _dlib_models():
 def detect_landmarks(image: np.ndarray) -> tuple[np.ndarray, int] | None:
     """68 landmarks (68, 2) float32 (x, y) of the largest face, and the number of faces.
 
-    Detection runs on a copy downscaled to ``DETECT_MAX_SIDE`` (upsampled once when small);
-    coordinates are returned in the input image's pixels. ``None`` when no face is found.
+    Detection runs on a copy downscaled to ``DETECT_MAX_SIDE`` (upsampled once when small).
+    When that finds no face, it runs once more with one more upsampling step, which finds faces
+    down to about 40 px of the downscaled copy: an 80 px face in a 2000 px photo. Coordinates
+    are returned in the input image's pixels. ``None`` when no face is found.
     """
     detector, predictor = _dlib_models()
     h, w = image.shape[:2]
@@ -138,6 +140,8 @@ def detect_landmarks(image: np.ndarray) -> tuple[np.ndarray, int] | None:
         small = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
     upsample = 1 if max(small.shape[:2]) < 400 else 0
     rects = list(detector(small, upsample))
+    if not rects and upsample == 0:  # small faces in a large photo
+        rects = list(detector(small, 1))
     if not rects:
         return None
     rect = max(rects, key=lambda r: r.width() * r.height())

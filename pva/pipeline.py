@@ -34,6 +34,7 @@ from PIL import Image
 from pva.adapter import config_from_adapter, load_adapter, read_adapter, save_adapter
 from pva.backbone import Backbone, load_backbone, model_resolution
 from pva.checks import ETA, GUIDANCE, POSITIVE_INT, check_ranges
+from pva.composite import composite
 from pva.faces import (
     BadImageError,
     _to_rgb,
@@ -298,6 +299,7 @@ class PVAInpaintPipeline(DiffusionPipeline):
         paste_back: bool = True,
         skip_bad_references: bool = False,
         progress: bool = False,
+        blend: bool = False,
     ) -> PVAInpaintOutput:
         """Fill the mask of ``image`` keeping the references' identity.
 
@@ -320,6 +322,10 @@ class PVAInpaintPipeline(DiffusionPipeline):
             paste_back: Keep every pixel outside the mask equal to the input.
             skip_bad_references: Skip references without a face (warning) instead of failing.
             progress: Show a progress bar over the DDIM steps.
+            blend: Hide the seam (:func:`pva.composite.composite`): match the fill's colour to
+                a ring of the photo just outside the mask and feather it in over the first
+                pixels inside the border (1/64 of the inpainted square's side). Pixels outside
+                the mask stay the input's. Needs ``paste_back``.
         """
         if self.pva is None:
             raise RuntimeError("no PVA adapter loaded: call load_pva(adapter, face_model) first")
@@ -379,12 +385,14 @@ class PVAInpaintPipeline(DiffusionPipeline):
             progress=progress,
         )
         results = []
+        inside = _place((h, w), np.full((size, size), 255, np.uint8), crop.box) > 127
+        feather = max(1, round(crop.box[2] / 64))
         for o in out:
             face = ((o.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-            placed = _place((h, w), face, crop.box)
-            inside = _place((h, w), np.full((size, size), 255, np.uint8), crop.box) > 127
+            placed = _place((h, w), face, crop.box)  # (H, W, 3): the square, zeros elsewhere
             region = full_mask if paste_back else inside
-            results.append(Image.fromarray(np.where(region[..., None], placed, rgb)))
+            merged = composite(rgb, placed, region, blend and paste_back, feather, inside)
+            results.append(Image.fromarray(merged))
         return PVAInpaintOutput(results)
 
     def _full_mask(self, mask_image: ImageInput, hw: tuple[int, int]) -> np.ndarray:

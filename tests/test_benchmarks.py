@@ -183,3 +183,17 @@ def test_bench_data_times_both_layouts(tmp_path):
     )
     assert bench.returncode == 0, bench.stderr[-3000:]
     assert "ratio (ours / naive)" in bench.stdout and "workers one GPU needs" in bench.stdout
+
+
+def test_seam_benchmark_on_the_quick_demo(quick_demo):
+    from benchmarks.seam import bench_seam
+
+    out, _ = quick_demo
+    res = bench_seam(str(out), persons=2, steps=2)
+    table = res["table"]
+    assert set(table) == {"paste", "colour", "blend"} and res["fills"] == 8  # 2 persons x 4 masks
+    for way in table.values():
+        assert way["all/outside"] == 0.0  # no pixel outside the mask is ever touched
+    assert table["blend"]["all/ring"] < table["paste"]["all/ring"]
+    missing = _bench("seam", "--run", str(out / "models"))
+    assert missing.returncode == 2 and "is missing" in missing.stderr

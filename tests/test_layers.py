@@ -22,6 +22,7 @@ CORE = {
     "pva.prompts",
     "pva.faces",
     "pva.checks",
+    "pva.composite",
     "pva.fileio",
     "pva.recognizers",
     "pva.metrics",

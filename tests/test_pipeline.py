@@ -465,3 +465,30 @@ def test_the_personalize_path_reads_the_adapter_file_once(setup, tmp_path, monke
     personalize_cli(str(setup["adapter"]), str(setup["refs"]), str(out), steps=1)
     assert reads.count(True) == 1  # tensors read once (before: six whole-file reads)
     assert out.is_file()
+
+
+def test_an_80_px_face_in_a_2000_px_photo_is_found_inpainted_and_pasted_back(pipe, setup, tmp_path):
+    rgb = load_rgb(TARGET)
+    extent = np.ptp(detect_landmarks(rgb)[0], axis=0).max()
+    small = Image.fromarray(rgb)
+    small = small.resize((round(small.width * 80 / extent), round(small.height * 80 / extent)))
+    rng = np.random.default_rng(1)
+    canvas = Image.fromarray(rng.integers(60, 200, (1500, 2000, 3), dtype=np.uint8))
+    canvas.paste(small, (1200, 700))
+    photo = np.asarray(canvas)
+    found = detect_landmarks(photo)
+    assert found is not None  # before: the 1024-px detection copy lost the face
+    face = np.ptp(found[0], axis=0).max()
+    assert 70 < face < 90
+    refs = sorted(setup["refs"].iterdir())[:2]
+    (x0, y0), (x1, y1) = found[0].min(0).astype(int), found[0].max(0).astype(int)
+    mask = np.zeros(photo.shape[:2], bool)
+    mask[(y0 + y1) // 2 : y1 + 5, x0 - 5 : x1 + 5] = True  # the lower face, about 85 x 45 px
+    kw = dict(mask_image=Image.fromarray(mask), reference_images=refs, num_inference_steps=2)
+    hard = np.asarray(pipe(photo, **kw).images[0])
+    soft = np.asarray(pipe(photo, blend=True, **kw).images[0])
+    for out in (hard, soft):
+        assert out.shape == photo.shape
+        assert np.array_equal(out[~mask], photo[~mask])  # pasted back: the rest is the input
+        assert (out != photo).any(-1)[mask].mean() > 0.5  # the model filled the hole
+    assert not np.array_equal(hard, soft)  # the blend changed the composite, inside only
