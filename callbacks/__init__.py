@@ -4,6 +4,7 @@ from callbacks.adapter_export import AdapterExport
 from callbacks.checkpoint_io import AtomicCheckpointIO
 from callbacks.crash import SimulatedCrash
 from callbacks.identity import IdentityValidation, PersonalizationCheck
+from callbacks.progress import StepProgressBar
 
 __all__ = [
     "AdapterExport",
@@ -11,4 +12,5 @@ __all__ = [
     "IdentityValidation",
     "PersonalizationCheck",
     "SimulatedCrash",
+    "StepProgressBar",
 ]
