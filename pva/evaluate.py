@@ -744,6 +744,7 @@ def evaluate(
     results = score(out_dir, scored, scorer, feature_fn, clip, kid_scale=1000.0 if paper else 1.0)
     results["protocol"] = protocol
     results["generated_this_run"] = ev.generated
+    results["plots"] = write_plots(out_dir, results, ft_steps, cd_steps)
     with atomic_path(out_dir / "results.json") as tmp:
         tmp.write_text(json.dumps(results, indent=1))
     with atomic_path(out_dir / "results.md") as tmp:
@@ -851,6 +852,54 @@ def score(
     return results
 
 
+def identity_mean(entry: dict) -> float:
+    """A method's identity similarity averaged over its masks (each mask weighs the same)."""
+    values = [
+        v["identity_sim"][0] for v in entry.values() if isinstance(v, dict) and "identity_sim" in v
+    ]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def write_plots(out: Path, results: dict, ft_steps: int, cd_steps: int) -> list[str]:
+    """``OUT/identity_by_mask.svg`` and, with fine-tuning methods, ``identity_vs_steps.svg``.
+
+    The bars are each method's identity similarity per mask (mean and std over targets). The
+    line chart puts each fine-tuning method at its step count (Custom Diffusion at every
+    ``custom-diffusion@<k>`` and at ``cd_steps``) beside the methods without fine-tuning, drawn
+    across it; each point is the mean over masks. Returns the file names written.
+    """
+    from pva.plots import bars_plot, steps_plot
+
+    methods = results["methods"]
+    masks = [m for m in EVAL_MASKS if any("identity_sim" in e.get(m, {}) for e in methods.values())]
+    if not masks:
+        return []
+    series = {
+        name: [tuple(entry.get(m, {}).get("identity_sim", (float("nan"),) * 2)) for m in masks]
+        for name, entry in methods.items()
+    }
+    written = ["identity_by_mask.svg"]
+    with atomic_path(out / written[0]) as tmp:
+        tmp.write_text(bars_plot(masks, series))
+    curves: dict[str, list[tuple[float, float]]] = {}
+    levels: dict[str, float] = {}
+    for name, entry in methods.items():
+        base, _, at = name.partition("@")
+        spec = METHODS.get(base)
+        if spec is None:
+            continue
+        if spec.variant is None:
+            levels[name] = identity_mean(entry)
+            continue
+        steps = int(at) if at else (cd_steps if spec.schedule == "cd" else ft_steps)
+        curves.setdefault(base, []).append((steps, identity_mean(entry)))
+    if curves:
+        written.append("identity_vs_steps.svg")
+        with atomic_path(out / written[1]) as tmp:
+            tmp.write_text(steps_plot(curves, levels))
+    return written
+
+
 def results_markdown(results: dict) -> str:
     """The paper-layout tables: one row per method, columns per mask; then editing and time."""
     methods = results["methods"]
@@ -858,6 +907,7 @@ def results_markdown(results: dict) -> str:
     protocol = results.get("protocol", "ours")
     kid_title = "KID x1000" if results.get("kid_scale", 1.0) == 1000.0 else "KID"
     lines = [f"# Evaluation ({protocol} protocol; identity scorer: {results['recognizer']})"]
+    lines += [f"\n![{name.removesuffix('.svg')}]({name})" for name in results.get("plots", [])]
 
     def cell(method: str, mask: str, key: str, fmt: str = "{:.3f}") -> str:
         v = methods[method].get(mask, {}).get(key)

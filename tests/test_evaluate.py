@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import shutil
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +161,13 @@ def test_personalized_methods_run_and_unknown_methods_fail(eval_setup, tmp_path)
         not np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
         for a, b in zip(early, late)
     )  # the weights moved between step 1 and step 3
+    # the plots: identity per mask, and identity against steps (CD at 1, 2, 3; PVA-FT at 2)
+    assert results["plots"] == ["identity_by_mask.svg", "identity_vs_steps.svg"]
+    svg = {n: ET.parse(tmp_path / "ft" / n).getroot() for n in results["plots"]}
+    circles = [e for e in svg["identity_vs_steps.svg"].iter() if e.tag.endswith("circle")]
+    bars = [e for e in svg["identity_by_mask.svg"].iter() if e.tag.endswith("rect")]
+    assert len(circles) == 4 and len(bars) == 1 + 4 * 4  # background + 4 methods x 4 masks
+    assert "![identity_vs_steps](identity_vs_steps.svg)" in (tmp_path / "ft/results.md").read_text()
 
 
 def test_a_people_folder_and_prior_preservation(eval_setup, tmp_path):

@@ -596,6 +596,40 @@ def _grid(out: Path, size: DemoSize, seed: int, rows: int = 4) -> Path | None:
     return path
 
 
+def _plots(out: Path, size: DemoSize, table: dict, cd_table: dict, masks: list[str]) -> list[str]:
+    """``OUT/identity_vs_steps.svg`` and ``OUT/identity_by_mask.svg``; their report lines."""
+    from pva.plots import bars_plot, steps_plot
+
+    curves = {
+        "custom-diffusion": [
+            (
+                int(m.split("@")[1]) if "@" in m else size.cd_steps,
+                cd_table[m]["mean"]["identity_sim"],
+            )
+            for m in cd_rows(size)[1:]
+        ],
+        "pva-ft40": [(size.ft_steps, table["pva-ft40"]["mean"]["identity_sim"])],
+    }
+    levels = {m: table[m]["mean"]["identity_sim"] for m in ("sd-inpaint", "pva")}
+    title = "identity similarity against fine-tuning steps (mean over seeds)"
+    with atomic_path(out / "identity_vs_steps.svg") as tmp:
+        tmp.write_text(steps_plot(curves, levels, title=title))
+    rows = {_label(m, size): table[m] for m in method_rows(size)}
+    rows.update({_label(m, size): cd_table[m] for m in cd_rows(size)[1:]})
+    series = {
+        label: [(entry["identity_by_mask"].get(k, float("nan")), 0.0) for k in masks]
+        for label, entry in rows.items()
+    }
+    title = "identity similarity per mask (mean over seeds)"
+    with atomic_path(out / "identity_by_mask.svg") as tmp:
+        tmp.write_text(bars_plot(masks, series, title=title))
+    return [
+        "![identity similarity against fine-tuning steps](identity_vs_steps.svg)",
+        "",
+        "![identity similarity per mask](identity_by_mask.svg)",
+    ]
+
+
 def write_report(out: Path, size: DemoSize, seeds: list[int], state: dict) -> Path:
     """``OUT/report.md``: results over seeds, the claims, the grid and every command."""
     table = collect(out, size, seeds)
@@ -676,6 +710,7 @@ def write_report(out: Path, size: DemoSize, seeds: list[int], state: dict) -> Pa
             + " | ".join(f"{by[k]:.3f}" if k in by else "-" for k in masks)
             + " |"
         )
+    lines += ["", *_plots(out, size, table, cd_table, masks)]
     lines += ["", "## The paper's claims, checked on these numbers", ""]
     for text, ok, detail in claims:
         lines.append(f"- **{'holds' if ok else 'does not hold'}**: {text} ({detail})")
