@@ -8,6 +8,7 @@ import re
 import shlex
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
@@ -143,6 +144,9 @@ def test_quick_demo_runs_every_stage_and_reports(quick_demo):
     assert list((out / "logs").rglob("events.out.tfevents.*"))
     assert (out / "grid.png").is_file()
     report = (out / "report.md").read_text()
+    for plot in ("identity_vs_steps.svg", "identity_by_mask.svg"):  # drawn and linked
+        root = ET.parse(out / plot).getroot()
+        assert root.tag.endswith("svg") and f"]({plot})" in report
     lines = report.splitlines()
     cd_start = next(i for i, x in enumerate(lines) if x.startswith("## Custom Diffusion against"))
     for method, part in [
