@@ -6,7 +6,7 @@ The safetensors metadata holds one key, ``pva``, a JSON object::
      "contents": ["pva", "projection", "token"(, "face_backbone")],
      "config": {...PVAConfig...},
      "backbone": {"cross_attention_dim": 1024, "num_text_tokens": 77, "attn2_layers": 16,
-                  "face_embed_dim": 512},
+                  "face_embed_dim": 512, "face_encoder": "arcface"},
      "modifier_token": "<new1>"}
 
 Tensor names are ``PVAModel.state_dict()`` keys (``unet.<...>.attn2.processor.to_q_pva.weight``,
@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from pva.attention import identity_processors
+from pva.face_encoders import encoder_kind_of
 from pva.fileio import atomic_path
 from pva.model import PVAConfig, PVAModel
 
@@ -46,13 +47,14 @@ class AdapterMismatchError(ValueError):
     """An adapter file does not fit the model it is loaded into."""
 
 
-def backbone_signature(model: PVAModel) -> dict[str, int]:
-    """The backbone facts an adapter depends on."""
+def backbone_signature(model: PVAModel) -> dict[str, int | str]:
+    """The backbone facts an adapter depends on (the face encoder's kind among them)."""
     return {
         "cross_attention_dim": int(model.unet.config.cross_attention_dim),
         "num_text_tokens": int(model.num_text_tokens),
         "attn2_layers": sum(1 for _ in identity_processors(model.unet)),
         "face_embed_dim": int(model.identity_encoder.backbone.num_features),
+        "face_encoder": encoder_kind_of(model.identity_encoder.backbone),
     }
 
 
@@ -187,7 +189,8 @@ def load_adapter(
         AdapterMismatchError: Backbone, variant, key or shape mismatch (named in the message).
     """
     tensors, header = read if read is not None else read_adapter(path)
-    mine, theirs = backbone_signature(model), header.get("backbone", {})
+    mine, theirs = backbone_signature(model), dict(header.get("backbone", {}))
+    theirs.setdefault("face_encoder", "arcface")  # adapters written before the choice existed
     diffs = [
         f"{k}={theirs.get(k)} (this model: {v})" for k, v in mine.items() if theirs.get(k) != v
     ]

@@ -107,7 +107,8 @@ def personalize_cli(
             weight too (Q/K/V and output projection, CrossQKV-FT).
         seed: Random seed.
         backbone: SD2-inpainting folder (default: recorded in the adapter).
-        face_model: Conditioning arcface_torch ``.pth`` (default: recorded in the adapter).
+        face_model: Conditioning face encoder: an arcface_torch ``.pth``, an InsightFace
+            ``.onnx`` or ``dlib`` (default: recorded in the adapter).
         overwrite: Replace existing ``out`` files.
         skip_bad_refs: Skip reference photos without a detectable face (default: fail, naming
             it).
@@ -223,7 +224,8 @@ def inpaint_cli(
             feather it in over the first pixels inside the border (pixels outside the mask stay
             the input's; with ``paste_back`` only).
         backbone: SD2-inpainting folder (default: recorded in the adapter).
-        face_model: Conditioning arcface_torch ``.pth`` (default: recorded in the adapter).
+        face_model: Conditioning face encoder: an arcface_torch ``.pth``, an InsightFace
+            ``.onnx`` or ``dlib`` (default: recorded in the adapter).
         overwrite: Replace existing ``out`` files.
         skip_bad_refs: Skip reference photos without a detectable face (default: fail, naming
             it).

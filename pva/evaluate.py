@@ -559,7 +559,8 @@ def evaluate(
         methods: Methods to run, names in :data:`pva.methods.METHODS`.
         adapter: PVA adapter (needed by every method but ``sd-inpaint``).
         backbone: SD2-inpainting folder; default: the one recorded in the adapter.
-        face_model: Conditioning arcface_torch ``.pth``; default: recorded in the adapter.
+        face_model: Conditioning face encoder (an arcface_torch ``.pth``, an InsightFace
+            ``.onnx`` or ``dlib``); default: recorded in the adapter.
         selection: Which persons, targets and masks (:class:`Selection`).
         sampling: How each output is sampled (:class:`Sampling`).
         fine_tuning: How the fine-tuning methods adapt (:class:`FineTuning`).
@@ -646,7 +647,7 @@ def evaluate(
     if not Path(data).is_dir():
         raise FileNotFoundError(f"--data '{data}' is not a folder")
     for flag, path in (("--face-model", face_model), ("--prior-data", prior_data)):
-        if path is not None and not Path(path).exists():
+        if path is not None and path != "dlib" and not Path(path).exists():
             raise FileNotFoundError(f"{flag} '{path}' not found")
     if overwrite and (out_dir.exists() or out_dir.is_symlink()):
         remove_path(out_dir)
@@ -654,7 +655,7 @@ def evaluate(
         "data": content_stamp(data),
         "adapter": None if adapter is None else content_stamp(adapter),
         "backbone": content_stamp(backbone) if Path(backbone).exists() else backbone,  # or hub id
-        "face_model": content_stamp(face_model),
+        "face_model": face_model if face_model == "dlib" else content_stamp(face_model),
         "prior_data": None if prior_data is None else content_stamp(prior_data),
         "split": split,
         "num_refs": num_refs,

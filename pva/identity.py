@@ -272,7 +272,8 @@ class IdentityEncoder(nn.Module):
     mode so BatchNorm statistics never move.
 
     Args:
-        backbone: Face recognizer (ArcFace IResNet-50 in the paper).
+        backbone: Face recognizer (ArcFace IResNet-50 in the paper; any encoder of
+            :mod:`pva.face_encoders`).
         projection: The token projection.
         crop: Preprocessing, see :func:`preprocess_faces`.
         train_backbone: Let the backbone's weights train (stage 2).
@@ -280,7 +281,7 @@ class IdentityEncoder(nn.Module):
 
     def __init__(
         self,
-        backbone: IResNet,
+        backbone: nn.Module,
         projection: IdentityProjection,
         crop: FaceCrop = "celebahq",
         train_backbone: bool = False,
@@ -303,7 +304,7 @@ class IdentityEncoder(nn.Module):
         return self
 
     def embed(self, references: Tensor) -> Tensor:
-        """(B, K, 3, H, W) photos in [-1, 1] -> (B, K, 512) face embeddings."""
+        """(B, K, 3, H, W) photos in [-1, 1] -> (B, K, E) face embeddings (E = 512: ArcFace)."""
         b, k = references.shape[:2]
         faces = preprocess_faces(references.flatten(0, 1), self.crop)  # (B*K, 3, 112, 112)
         with torch.set_grad_enabled(self.train_backbone and torch.is_grad_enabled()):

@@ -31,7 +31,8 @@ from pva.attention import (
 )
 from pva.backbone import Backbone, load_backbone
 from pva.checks import NONNEGATIVE, POSITIVE, POSITIVE_INT, Range, check_ranges
-from pva.identity import FaceCrop, IdentityEncoder, IdentityProjection, IResNet, load_iresnet
+from pva.face_encoders import encoder_kind_of, face_encoder_kind, load_face_encoder
+from pva.identity import FaceCrop, IdentityEncoder, IdentityProjection, IResNet
 from pva.prompts import MODIFIER_TOKEN
 from pva.token import ModifierToken
 
@@ -98,9 +99,16 @@ class PVAModel(nn.Module):
         config: Architecture options.
     """
 
-    def __init__(self, backbone: Backbone, face_backbone: IResNet, config: PVAConfig | None = None):
+    def __init__(
+        self, backbone: Backbone, face_backbone: nn.Module, config: PVAConfig | None = None
+    ):
         super().__init__()
         self.config = config = config or PVAConfig()
+        if config.train_face_backbone and not isinstance(face_backbone, IResNet):
+            raise ValueError(
+                "model.pva.train_face_backbone (stage 2) trains an arcface_torch IResNet; the "
+                f"'{encoder_kind_of(face_backbone)}' face encoder is frozen: use a .pth face_model"
+            )
         self.source_paths: dict[str, str] | None = None  # set by from_paths
         self.vae = backbone.vae
         self.text_encoder = backbone.text_encoder
@@ -145,19 +153,22 @@ class PVAModel(nn.Module):
         config: PVAConfig | None = None,
         torch_dtype: torch.dtype = torch.float32,
     ) -> PVAModel:
-        """Load the backbone folder and the ArcFace ``.pth`` and build the model.
+        """Load the backbone folder and the conditioning face model and build the model.
 
         Args:
             backbone: SD2-inpainting diffusers folder (or cached hub id).
-            face_model: arcface_torch IResNet ``.pth`` (e.g. ``ms1mv3_arcface_r50.pth``).
+            face_model: The conditioning face encoder (:mod:`pva.face_encoders`): an
+                arcface_torch IResNet ``.pth`` (e.g. ``ms1mv3_arcface_r50.pth``), an
+                InsightFace-format ArcFace ``.onnx``, or ``dlib``.
             config: Architecture options.
             torch_dtype: Dtype of the frozen backbone weights.
         """
-        model = cls(load_backbone(backbone, torch_dtype), load_iresnet(face_model), config)
+        model = cls(load_backbone(backbone, torch_dtype), load_face_encoder(face_model), config)
         local = Path(backbone).expanduser()
+        face = str(face_model) if face_encoder_kind(face_model) == "dlib" else face_model
         model.source_paths = {
             "backbone": str(local.resolve()) if local.exists() else str(backbone),
-            "face_model": str(Path(face_model).expanduser().resolve()),
+            "face_model": face if face == "dlib" else str(Path(face).expanduser().resolve()),
         }
         return model
 

@@ -44,7 +44,9 @@ class PVAModule(L.LightningModule):
 
     Args:
         backbone: SD2-inpainting diffusers folder (or a hub id already in the local cache).
-        face_model: arcface_torch IResNet ``.pth`` used to condition (ArcFace R50, MS1MV3).
+        face_model: The conditioning face encoder (:mod:`pva.face_encoders`): an arcface_torch
+            IResNet ``.pth`` (the paper: ArcFace R50, MS1MV3), an InsightFace-format ArcFace
+            ``.onnx``, or ``dlib`` (128-d, installed offline; frozen in every stage).
         pva: Architecture of the PVA pathway.
         init_adapter: Adapter ``.safetensors`` to start from (stage 2 starts from stage 1's).
         batch_size: Images per device per step; only used to scale ``lr_pva``.

@@ -35,6 +35,7 @@ from pva.adapter import config_from_adapter, load_adapter, read_adapter, save_ad
 from pva.backbone import Backbone, load_backbone, model_resolution
 from pva.checks import ETA, GUIDANCE, POSITIVE_INT, check_ranges
 from pva.composite import composite
+from pva.face_encoders import load_face_encoder
 from pva.faces import (
     BadImageError,
     _to_rgb,
@@ -47,7 +48,7 @@ from pva.faces import (
     pixel_limit,
     region_box,
 )
-from pva.identity import load_iresnet, save_iresnet
+from pva.identity import IResNet, save_iresnet
 from pva.model import PVAModel
 from pva.prompts import UNCOND_PROMPT, conditional_prompt
 from pva.sampling import ddim_inpaint
@@ -169,7 +170,7 @@ class PVAInpaintPipeline(DiffusionPipeline):
         Args:
             pretrained_model_name_or_path: SD2-inpainting folder (or cached hub id), possibly
                 written by :meth:`save_pretrained` (then it holds ``pva/adapter.safetensors``
-                and ``pva/face.pth``).
+                and, for an arcface_torch face encoder, ``pva/face.pth``).
             **kwargs: ``torch_dtype`` only.
         """
         dtype = kwargs.pop("torch_dtype", torch.float32)
@@ -179,7 +180,9 @@ class PVAInpaintPipeline(DiffusionPipeline):
         pipe = cls(b.vae, b.text_encoder, b.tokenizer, b.unet, b.scheduler)
         pva_dir = Path(pretrained_model_name_or_path) / "pva"
         if (pva_dir / "adapter.safetensors").is_file():
-            pipe.load_pva(pva_dir / "adapter.safetensors", pva_dir / "face.pth")
+            face = pva_dir / "face.pth"  # an arcface_torch encoder travels with the folder;
+            # dlib's or an ONNX one is the face model the adapter records (None: read it there)
+            pipe.load_pva(pva_dir / "adapter.safetensors", face if face.is_file() else None)
         return pipe
 
     def load_pva(self, adapter: str | os.PathLike, face_model: str | os.PathLike | None = None):
@@ -187,7 +190,8 @@ class PVAInpaintPipeline(DiffusionPipeline):
 
         Args:
             adapter: Adapter ``.safetensors`` (``pva personalize`` or training output).
-            face_model: arcface_torch ``.pth`` of the conditioning recognizer; default: the path
+            face_model: The conditioning face encoder (:mod:`pva.face_encoders`: an
+                arcface_torch ``.pth``, an InsightFace ``.onnx`` or ``dlib``); default: the one
                 recorded in the adapter, if it exists.
 
         Returns:
@@ -196,24 +200,25 @@ class PVAInpaintPipeline(DiffusionPipeline):
         tensors, header = read = read_adapter(adapter)  # the file is read once
         if face_model is None:
             face_model = header.get("paths", {}).get("face_model")
-            if not face_model or not Path(face_model).is_file():
+            if not face_model or (face_model != "dlib" and not Path(face_model).is_file()):
                 raise FileNotFoundError(
                     f"adapter '{adapter}' needs its face model: pass face_model= (--face-model),"
-                    f" an arcface_torch .pth"
+                    f" an arcface_torch .pth, an InsightFace .onnx or dlib"
                 )
         if self.pva is None:
             backbone = Backbone(
                 self.vae, self.text_encoder, self.tokenizer, self.unet, self.scheduler
             )
-            self.pva = PVAModel(backbone, load_iresnet(face_model), config_from_adapter(header))
+            encoder = load_face_encoder(face_model)
+            self.pva = PVAModel(backbone, encoder, config_from_adapter(header))
         else:  # a fresh start for every adapter: undo CrossQKV-FT weights of an earlier one
             state = self.pva.state_dict()
             with torch.no_grad():
                 for key, value in self._pristine.items():
                     state[key].copy_(value)
-            self.pva.identity_encoder.backbone.load_state_dict(
-                load_iresnet(face_model).state_dict()
-            )
+            face = self.pva.identity_encoder.backbone
+            if isinstance(face, IResNet):  # stage-2 adapters change its weights: reload them
+                face.load_state_dict(load_face_encoder(face_model).state_dict())
         state = self.pva.state_dict()
         for key in tensors:
             if not self.pva.is_adapter_key(key) and key not in self._pristine and key in state:
@@ -224,7 +229,7 @@ class PVAInpaintPipeline(DiffusionPipeline):
         return self
 
     def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = False, **_):
-        """Write the backbone folder plus ``pva/adapter.safetensors`` and ``pva/face.pth``.
+        """Write the backbone folder plus ``pva/adapter.safetensors`` (and ``pva/face.pth``).
 
         The backbone is written as a stock SD2-inpainting folder (the UNet without the PVA
         processors), so :meth:`from_pretrained` and diffusers alike can read it.
@@ -240,7 +245,9 @@ class PVAInpaintPipeline(DiffusionPipeline):
             self.unet.set_attn_processor(procs)
         if self.pva is not None:
             save_adapter(self.pva, path / "pva" / "adapter.safetensors", overwrite=True)
-            save_iresnet(self.pva.identity_encoder.backbone, path / "pva" / "face.pth")
+            face = self.pva.identity_encoder.backbone
+            if isinstance(face, IResNet):  # dlib's or an ONNX encoder: the adapter names it
+                save_iresnet(face, path / "pva" / "face.pth")
         return path
 
     # --------------------------------------------------------------------------- photos

@@ -51,7 +51,8 @@ class Recognizer:
 
 
 @cache
-def _dlib_recognizer():
+def dlib_face_model():
+    """Dlib's face-recognition ResNet (128-d; installed offline by face-recognition-models)."""
     import dlib
 
     with warnings.catch_warnings():
@@ -72,7 +73,7 @@ class DlibRecognizer(Recognizer):
         from pva.faces import _dlib_models
 
         _, predictor = _dlib_models()
-        model = _dlib_recognizer()
+        model = dlib_face_model()
         out = []
         for img, lm in zip(images, landmarks):
             (x0, y0), (x1, y1) = lm.min(0), lm.max(0)

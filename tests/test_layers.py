@@ -23,6 +23,8 @@ CORE = {
     "pva.faces",
     "pva.checks",
     "pva.composite",
+    "pva.face_encoders",
+    "pva.plots",
     "pva.fileio",
     "pva.recognizers",
     "pva.metrics",

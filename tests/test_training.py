@@ -18,6 +18,7 @@ import torch
 import yaml
 from conftest import FACES, REPO, count_calls
 from data_fixtures import _shrink
+from PIL import Image
 
 from callbacks import PersonalizationCheck
 from datamodules import ShardDataModule
@@ -447,3 +448,30 @@ def test_the_model_token_reaches_the_data_prompts(tiny_assets, train_shards, tmp
     assert cli.datamodule.hparams.modifier_token == "<zz>"  # linked: set in one place
     batch = next(iter(cli.datamodule.train_dataloader()))
     assert all(p.startswith("photo of a <zz> person") for p in batch["prompt"])
+
+
+def test_a_dlib_face_encoder_trains_end_to_end_and_its_adapter_refuses_arcface(
+    tiny_assets, train_shards, tmp_path
+):
+    from pva.adapter import AdapterMismatchError, load_adapter, read_adapter_header
+    from pva.model import PVAModel
+    from pva.pipeline import PVAInpaintPipeline
+
+    cfg = _config(tmp_path, tiny_assets, train_shards)
+    res = _train("--config", str(cfg), "--model.face_model", "dlib")
+    assert res.returncode == 0, res.stderr[-4000:]
+    adapter = tmp_path / "run" / "adapter.safetensors"
+    header = read_adapter_header(adapter)
+    assert header["backbone"]["face_encoder"] == "dlib"
+    assert header["backbone"]["face_embed_dim"] == 128  # the projection's input follows it
+    assert header["paths"]["face_model"] == "dlib"
+    pipe = PVAInpaintPipeline.from_pretrained(tiny_assets.backbone).load_pva(adapter)
+    photo = FACES / "deepface/id01_img1/img1.jpg"
+    refs = sorted((FACES / "deepface/id01_img1").iterdir())[1:3]
+    out = pipe(photo, mask_region="lowerface", reference_images=refs, num_inference_steps=2)
+    assert out.images[0].size == Image.open(photo).size
+    arcface = PVAModel.from_paths(tiny_assets.backbone, tiny_assets.face_model, tiny_pva_config())
+    with pytest.raises(AdapterMismatchError, match="face_encoder=dlib"):
+        load_adapter(arcface, adapter)
+    with pytest.raises(ValueError, match="arcface_torch IResNet"):  # stage 2 needs a .pth
+        PVAModel.from_paths(tiny_assets.backbone, "dlib", tiny_pva_config(train_face_backbone=True))
