@@ -260,6 +260,8 @@ COMMANDS: tuple[Command, ...] = (
     ),
 )
 """Every ``pva`` command but ``train``."""
+GROUPS = {"shards": "build WebDataset shards from photos (pva shards build --help)"}
+"""The help of a command group (the first word of several-word commands)."""
 
 
 _RST = (
@@ -430,7 +432,7 @@ def build_parser(
         for depth, word in enumerate(words[:-1]):
             key = " ".join(words[: depth + 1])
             if key not in groups:
-                group = target.add_parser(word, help=f"{word} commands")
+                group = target.add_parser(word, help=GROUPS.get(key, f"{word} commands"))
                 groups[key] = group.add_subparsers(dest=f"_{key}", required=True, metavar="ACTION")
             target = groups[key]
         add_command(target, command, words[-1])
