@@ -56,6 +56,7 @@ from pva.checks import (
 )
 from pva.data.masks import EVAL_MASKS
 from pva.data.reader import decode_jpeg
+from pva.face_encoders import face_model_present, face_model_source
 from pva.fileio import atomic_path, check_record, content_stamp, refuse_file_as_folder, remove_path
 from pva.methods import METHODS
 from pva.metrics import (
@@ -646,16 +647,19 @@ def evaluate(
         raise ValueError("without --adapter, give --backbone and --face-model")
     if not Path(data).is_dir():
         raise FileNotFoundError(f"--data '{data}' is not a folder")
-    for flag, path in (("--face-model", face_model), ("--prior-data", prior_data)):
-        if path is not None and path != "dlib" and not Path(path).exists():
-            raise FileNotFoundError(f"{flag} '{path}' not found")
+    if not face_model_present(face_model):
+        raise FileNotFoundError(f"--face-model '{face_model}' not found")
+    if prior_data is not None and not Path(prior_data).exists():
+        raise FileNotFoundError(f"--prior-data '{prior_data}' not found")
     if overwrite and (out_dir.exists() or out_dir.is_symlink()):
         remove_path(out_dir)
     inputs = {
         "data": content_stamp(data),
         "adapter": None if adapter is None else content_stamp(adapter),
         "backbone": content_stamp(backbone) if Path(backbone).exists() else backbone,  # or hub id
-        "face_model": face_model if face_model == "dlib" else content_stamp(face_model),
+        "face_model": "dlib"
+        if face_model_source(face_model) == "dlib"
+        else content_stamp(face_model),
         "prior_data": None if prior_data is None else content_stamp(prior_data),
         "split": split,
         "num_refs": num_refs,

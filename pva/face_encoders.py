@@ -126,6 +126,18 @@ def face_encoder_kind(spec: str | os.PathLike) -> FaceEncoderKind:
     return "onnx" if Path(spec).suffix.lower() == ".onnx" else "arcface"
 
 
+def face_model_source(spec: str | os.PathLike) -> str:
+    """How a face model is recorded (adapter paths, evaluation records): ``dlib`` or its path."""
+    if face_encoder_kind(spec) == "dlib":
+        return "dlib"
+    return str(Path(spec).expanduser().resolve())
+
+
+def face_model_present(spec: str | os.PathLike) -> bool:
+    """Whether ``spec``'s face model is there: ``dlib`` always is, a file when it exists."""
+    return face_encoder_kind(spec) == "dlib" or Path(spec).expanduser().is_file()
+
+
 def load_face_encoder(spec: str | os.PathLike) -> nn.Module:
     """The conditioning face encoder ``spec`` names (see the module docstring's table).
 

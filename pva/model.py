@@ -31,7 +31,7 @@ from pva.attention import (
 )
 from pva.backbone import Backbone, load_backbone
 from pva.checks import NONNEGATIVE, POSITIVE, POSITIVE_INT, Range, check_ranges
-from pva.face_encoders import encoder_kind_of, face_encoder_kind, load_face_encoder
+from pva.face_encoders import encoder_kind_of, face_model_source, load_face_encoder
 from pva.identity import FaceCrop, IdentityEncoder, IdentityProjection, IResNet
 from pva.prompts import MODIFIER_TOKEN
 from pva.token import ModifierToken
@@ -165,10 +165,9 @@ class PVAModel(nn.Module):
         """
         model = cls(load_backbone(backbone, torch_dtype), load_face_encoder(face_model), config)
         local = Path(backbone).expanduser()
-        face = str(face_model) if face_encoder_kind(face_model) == "dlib" else face_model
         model.source_paths = {
             "backbone": str(local.resolve()) if local.exists() else str(backbone),
-            "face_model": face if face == "dlib" else str(Path(face).expanduser().resolve()),
+            "face_model": face_model_source(face_model),
         }
         return model
 

@@ -35,7 +35,7 @@ from pva.adapter import config_from_adapter, load_adapter, read_adapter, save_ad
 from pva.backbone import Backbone, load_backbone, model_resolution
 from pva.checks import ETA, GUIDANCE, POSITIVE_INT, check_ranges
 from pva.composite import composite
-from pva.face_encoders import load_face_encoder
+from pva.face_encoders import face_model_present, load_face_encoder
 from pva.faces import (
     BadImageError,
     _to_rgb,
@@ -200,7 +200,7 @@ class PVAInpaintPipeline(DiffusionPipeline):
         tensors, header = read = read_adapter(adapter)  # the file is read once
         if face_model is None:
             face_model = header.get("paths", {}).get("face_model")
-            if not face_model or (face_model != "dlib" and not Path(face_model).is_file()):
+            if not face_model or not face_model_present(face_model):
                 raise FileNotFoundError(
                     f"adapter '{adapter}' needs its face model: pass face_model= (--face-model),"
                     f" an arcface_torch .pth, an InsightFace .onnx or dlib"
