@@ -4,6 +4,7 @@ Public API::
 
     from pva import PVAModel, PVAConfig, load_backbone, load_iresnet, save_adapter, load_adapter
     from pva import PVAInpaintPipeline
+    from pva import load_pva_into  # into diffusers' StableDiffusionInpaintPipeline
 
 The names load on first use, so importing one layer (say ``pva.model``, the method core) never
 imports a higher one (``pva.pipeline``, an application; see ``tests/test_layers.py``).
@@ -40,6 +41,7 @@ _EXPORTS = {
     "TEMPLATE": "pva.prompts",
     "UNCOND_PROMPT": "pva.prompts",
     "ddim_inpaint": "pva.sampling",
+    "load_pva_into": "pva.stock",
     "ModifierToken": "pva.token",
 }
 __all__ = sorted(_EXPORTS)

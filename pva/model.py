@@ -268,6 +268,11 @@ class PVAModel(nn.Module):
         return next(self.vae.parameters()).dtype
 
     @property
+    def vae_downsample(self) -> int:
+        """Spatial factor between image and latent (8 for SD2)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
     def latent_dtype(self) -> torch.dtype:
         """Dtype of latents and noise: fp32 when frozen weights are held in half, else the VAE's."""
         return torch.float32 if self.frozen_dtype is not None else self.vae_dtype

@@ -141,6 +141,192 @@ def _crop_mask(mask: np.ndarray, box: tuple[int, int, int], size: int) -> np.nda
     return np.asarray(img) > 127
 
 
+def _full_mask(mask_image: ImageInput, hw: tuple[int, int]) -> np.ndarray:
+    """The photo-size (H, W) bool mask from a path, PIL image or array (white = fill)."""
+    h, w = hw
+    if isinstance(mask_image, str | os.PathLike):
+        if not Path(mask_image).is_file():
+            raise FileNotFoundError(f"mask '{mask_image}' not found")
+        try:
+            with pixel_limit(), Image.open(mask_image) as im:
+                mask = np.asarray(im.convert("L"))
+        except BadImageError as err:
+            raise ValueError(f"mask '{mask_image}': {err}") from None
+        except (OSError, SyntaxError, ValueError) as err:
+            raise ValueError(f"mask '{mask_image}': unreadable image ({err})") from None
+    elif isinstance(mask_image, Image.Image):
+        mask = np.asarray(mask_image.convert("L"))
+    else:
+        mask = np.asarray(mask_image)
+        mask = mask if mask.ndim == 2 else mask[..., 0]
+        mask = (mask > 0.5).astype(np.uint8) * 255 if mask.max() <= 1 else mask
+    if mask.shape != (h, w):
+        mh, mw = mask.shape
+        if abs(mw / mh - w / h) > 0.01:
+            raise ValueError(
+                f"mask size {mw}x{mh} does not match image size {w}x{h} (different aspect ratio)"
+            )
+        _warn(f"mask size {mw}x{mh} differs from image size {w}x{h}; resizing it")
+        mask = np.asarray(Image.fromarray(mask.astype(np.uint8)).resize((w, h), Image.NEAREST))
+    return mask > 127
+
+
+def _region_mask(
+    region: str, landmarks: np.ndarray, size: int, generator: torch.Generator | None
+) -> np.ndarray:
+    """The (S, S) bool mask of a named region on the face square (``random``: seeded)."""
+    from pva.data.masks import box_mask, training_mask
+
+    if region == "random":
+        seed = 0 if generator is None else int(generator.initial_seed())
+        boxes = {
+            r: region_box(landmarks, r, (size, size)) for r in ("lowerface", "eyebrow", "wholeface")
+        }
+        return training_mask(size, boxes, random.Random(seed))[0]
+    if region not in ("lowerface", "eyebrow", "wholeface"):
+        raise ValueError(
+            f"mask_region must be lowerface, eyebrow, wholeface or random, got {region!r}"
+        )
+    return box_mask(size, region_box(landmarks, region, (size, size)))
+
+
+@dataclass
+class FaceJob:
+    """A photo's face square at the model resolution, its mask, and where it goes back.
+
+    Attributes:
+        photo: The whole photo, (H, W, 3) uint8.
+        image: The face square at the model resolution (PIL, S x S): the pipeline's input.
+        mask: Its mask (PIL ``L``, white = fill).
+        full_mask: (H, W) bool mask on the whole photo.
+        box: ``(left, top, side)`` of the square in the photo (may pass its edges).
+    """
+
+    photo: np.ndarray
+    image: Image.Image
+    mask: Image.Image
+    full_mask: np.ndarray
+    box: tuple[int, int, int]
+
+    @property
+    def empty(self) -> bool:
+        """Nothing to fill (on the photo or at the model resolution)."""
+        return not self.full_mask.any() or not np.asarray(self.mask).any()
+
+
+def prepare_face(
+    image: ImageInput,
+    size: int,
+    mask_image: ImageInput | None = None,
+    mask_region: MaskRegion | None = None,
+    generator: torch.Generator | None = None,
+) -> FaceJob:
+    """Find the face and cut its square (grown to hold the whole mask) at ``size`` px.
+
+    Args:
+        image: The photo (path, PIL or array; any size, mode, EXIF orientation).
+        size: The model resolution.
+        mask_image: White = fill, the photo's size (same aspect ratio: resized with a
+            warning). Or give ``mask_region``.
+        mask_region: ``lowerface``, ``eyebrow``, ``wholeface`` (landmark boxes x1.2) or
+            ``random`` (strokes + one box), found with dlib.
+        generator: Randomness of the ``random`` mask.
+    """
+    rgb = as_rgb(image)
+    h, w = rgb.shape[:2]
+    found = detect_landmarks(rgb)
+    if found is None:
+        name = f"'{image}'" if isinstance(image, str | os.PathLike) else "(array/PIL input)"
+        raise ValueError(f"no face detected in the input image {name}")
+    box = face_square(found[0])
+    if mask_image is not None:
+        full_mask = _full_mask(mask_image, (h, w))
+        if full_mask.any():
+            grown = _square_covering(box, full_mask)
+            if grown != box:
+                _warn(
+                    f"the mask reaches past the {box[2]}-px face square: inpainting a "
+                    f"{grown[2]}-px square that holds face and mask (at {size} px the face "
+                    f"gets {round(size * box[2] / grown[2])} px of it)"
+                )
+            box = grown
+        crop = crop_square(rgb, found[0], box, size)
+        crop_mask = _crop_mask(full_mask, box, size)
+    elif mask_region is not None:
+        crop = crop_square(rgb, found[0], box, size)
+        crop_mask = _region_mask(mask_region, crop.landmarks, size, generator)
+        full_mask = _place((h, w), crop_mask.astype(np.uint8) * 255, crop.box) > 127
+    else:
+        raise ValueError("give mask_image or mask_region")
+    mask = Image.fromarray(crop_mask.astype(np.uint8) * 255, "L")
+    return FaceJob(rgb, Image.fromarray(crop.image), mask, full_mask, crop.box)
+
+
+def paste_fills(
+    job: FaceJob, fills: Sequence[np.ndarray], paste_back: bool = True, blend: bool = False
+) -> list[Image.Image]:
+    """Put (S, S, 3) uint8 fills of the face square back into the photo.
+
+    Args:
+        job: What :func:`prepare_face` cut out.
+        fills: The model's outputs for the square.
+        paste_back: Keep every pixel outside the mask equal to the photo; otherwise the whole
+            square is the model's.
+        blend: Hide the seam (:func:`pva.composite.composite`); needs ``paste_back``.
+    """
+    h, w = job.photo.shape[:2]
+    size = job.image.size[0]
+    inside = _place((h, w), np.full((size, size), 255, np.uint8), job.box) > 127
+    feather = max(1, round(job.box[2] / 64))
+    results = []
+    for fill in fills:
+        placed = _place((h, w), fill, job.box)  # (H, W, 3): the square, zeros elsewhere
+        region = job.full_mask if paste_back else inside
+        merged = composite(job.photo, placed, region, blend and paste_back, feather, inside)
+        results.append(Image.fromarray(merged))
+    return results
+
+
+def reference_tensor(rgb: np.ndarray, landmarks: np.ndarray, face_crop: str) -> torch.Tensor:
+    """A photo as the identity encoder sees it (per ``face_crop``): (3, R, R) in [-1, 1]."""
+    if face_crop == "none":
+        return _to_tensor(align_face(rgb, landmarks))  # (3, 112, 112)
+    return _to_tensor(face_centred_crop(rgb, landmarks, 256).image)  # (3, 256, 256)
+
+
+def reference_tensors(
+    images: Sequence[ImageInput], face_crop: str, skip_bad: bool = False
+) -> tuple[torch.Tensor, list[int]]:
+    """Detect and crop references as the identity encoder expects.
+
+    Args:
+        images: Photos of the person.
+        face_crop: The adapter's ``face_crop`` (``none``: 112-px aligned faces).
+        skip_bad: Skip photos without a face (warning) instead of failing.
+
+    Returns:
+        ``(K, 3, R, R)`` in [-1, 1], and the indices of the photos used.
+    """
+    crops, used = [], []
+    for i, ref in enumerate(images):
+        label = str(ref) if isinstance(ref, str | os.PathLike) else f"#{i}"
+        try:
+            rgb = as_rgb(ref, f"reference {label}")
+            found = detect_landmarks(rgb)
+            if found is None:
+                raise ValueError(f"no face detected in reference {label}")
+        except (ValueError, FileNotFoundError) as err:
+            if not skip_bad:
+                raise
+            _warn(f"{err}; skipping it")
+            continue
+        crops.append(reference_tensor(rgb, found[0], face_crop))
+        used.append(i)
+    if not crops:
+        raise ValueError("no usable reference photo (each needs a detectable face)")
+    return torch.stack(crops), used
+
+
 class PVAInpaintPipeline(DiffusionPipeline):
     """Stable Diffusion 2 inpainting with Parallel Visual Attention (see the module docstring).
 
@@ -259,33 +445,14 @@ class PVAInpaintPipeline(DiffusionPipeline):
     def reference_tensor(self, rgb: np.ndarray, landmarks: np.ndarray) -> torch.Tensor:
         """A photo as the identity encoder sees it (per ``face_crop``): (3, R, R) in [-1, 1]."""
         assert self.pva is not None
-        if self.pva.config.face_crop == "none":
-            return _to_tensor(align_face(rgb, landmarks))  # (3, 112, 112)
-        return _to_tensor(face_centred_crop(rgb, landmarks, 256).image)  # (3, 256, 256)
+        return reference_tensor(rgb, landmarks, self.pva.config.face_crop)
 
     def _reference_tensors(
         self, images: Sequence[ImageInput], skip_bad: bool
     ) -> tuple[torch.Tensor, list[int]]:
         """Detect and crop references as the identity encoder expects: (K, 3, R, R)."""
         assert self.pva is not None
-        crops, used = [], []
-        for i, ref in enumerate(images):
-            label = str(ref) if isinstance(ref, str | os.PathLike) else f"#{i}"
-            try:
-                rgb = as_rgb(ref, f"reference {label}")
-                found = detect_landmarks(rgb)
-                if found is None:
-                    raise ValueError(f"no face detected in reference {label}")
-            except (ValueError, FileNotFoundError) as err:
-                if not skip_bad:
-                    raise
-                _warn(f"{err}; skipping it")
-                continue
-            crops.append(self.reference_tensor(rgb, found[0]))
-            used.append(i)
-        if not crops:
-            raise ValueError("no usable reference photo (each needs a detectable face)")
-        return torch.stack(crops), used
+        return reference_tensors(images, self.pva.config.face_crop, skip_bad)
 
     # ----------------------------------------------------------------------------- call
     @torch.no_grad()
@@ -341,41 +508,18 @@ class PVAInpaintPipeline(DiffusionPipeline):
         prompt = conditional_prompt(token) if prompt is None else prompt
         if mode == "edit" and token not in prompt:
             _warn(f"edit mode with a prompt without {token}: the identity token is unused")
-        rgb = as_rgb(image)
-        h, w = rgb.shape[:2]
-        found = detect_landmarks(rgb)
-        if found is None:
-            name = f"'{image}'" if isinstance(image, str | os.PathLike) else "(array/PIL input)"
-            raise ValueError(f"no face detected in the input image {name}")
-        size = self.resolution
-        box = face_square(found[0])
-        if mask_image is not None:
-            full_mask = self._full_mask(mask_image, (h, w))
-            if full_mask.any():
-                grown = _square_covering(box, full_mask)
-                if grown != box:
-                    _warn(
-                        f"the mask reaches past the {box[2]}-px face square: inpainting a "
-                        f"{grown[2]}-px square that holds face and mask (at {size} px the face "
-                        f"gets {round(size * box[2] / grown[2])} px of it)"
-                    )
-                box = grown
-            crop = crop_square(rgb, found[0], box, size)
-            crop_mask = _crop_mask(full_mask, box, size)
-        elif mask_region is not None:
-            crop = crop_square(rgb, found[0], box, size)
-            crop_mask = self._region_mask(mask_region, crop.landmarks, size, generator)
-            full_mask = _place((h, w), crop_mask.astype(np.uint8) * 255, crop.box) > 127
-        else:
-            raise ValueError("give mask_image or mask_region")
-        if not full_mask.any() or not crop_mask.any():
+        job = prepare_face(image, self.resolution, mask_image, mask_region, generator)
+        if job.empty:
             _warn("the mask is empty (at the model resolution): returning the input unchanged")
-            return PVAInpaintOutput([Image.fromarray(rgb) for _ in range(num_images_per_prompt)])
+            return PVAInpaintOutput(
+                [Image.fromarray(job.photo) for _ in range(num_images_per_prompt)]
+            )
         refs, _ = self._reference_tensors(reference_images, skip_bad_references)
         model, n = self.pva, num_images_per_prompt
         tokens = model.encode_identity(refs[None])  # (1, 10, D): once per call
-        x = _to_tensor(crop.image)[None].repeat(n, 1, 1, 1)  # (n, 3, S, S)
-        m = torch.from_numpy(crop_mask).float()[None, None].repeat(n, 1, 1, 1)  # (n, 1, S, S)
+        x = _to_tensor(np.asarray(job.image))[None].repeat(n, 1, 1, 1)  # (n, 3, S, S)
+        crop_mask = torch.from_numpy(np.asarray(job.mask) > 127).float()  # (S, S)
+        m = crop_mask[None, None].repeat(n, 1, 1, 1)  # (n, 1, S, S)
         out = ddim_inpaint(
             model,
             x,
@@ -391,61 +535,8 @@ class PVAInpaintPipeline(DiffusionPipeline):
             identity_tokens=tokens.repeat(n, 1, 1),
             progress=progress,
         )
-        results = []
-        inside = _place((h, w), np.full((size, size), 255, np.uint8), crop.box) > 127
-        feather = max(1, round(crop.box[2] / 64))
-        for o in out:
-            face = ((o.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-            placed = _place((h, w), face, crop.box)  # (H, W, 3): the square, zeros elsewhere
-            region = full_mask if paste_back else inside
-            merged = composite(rgb, placed, region, blend and paste_back, feather, inside)
-            results.append(Image.fromarray(merged))
-        return PVAInpaintOutput(results)
-
-    def _full_mask(self, mask_image: ImageInput, hw: tuple[int, int]) -> np.ndarray:
-        h, w = hw
-        if isinstance(mask_image, str | os.PathLike):
-            if not Path(mask_image).is_file():
-                raise FileNotFoundError(f"mask '{mask_image}' not found")
-            try:
-                with pixel_limit(), Image.open(mask_image) as im:
-                    mask = np.asarray(im.convert("L"))
-            except BadImageError as err:
-                raise ValueError(f"mask '{mask_image}': {err}") from None
-            except (OSError, SyntaxError, ValueError) as err:
-                raise ValueError(f"mask '{mask_image}': unreadable image ({err})") from None
-        elif isinstance(mask_image, Image.Image):
-            mask = np.asarray(mask_image.convert("L"))
-        else:
-            mask = np.asarray(mask_image)
-            mask = mask if mask.ndim == 2 else mask[..., 0]
-            mask = (mask > 0.5).astype(np.uint8) * 255 if mask.max() <= 1 else mask
-        if mask.shape != (h, w):
-            mh, mw = mask.shape
-            if abs(mw / mh - w / h) > 0.01:
-                raise ValueError(
-                    f"mask size {mw}x{mh} does not match image size {w}x{h} "
-                    f"(different aspect ratio)"
-                )
-            _warn(f"mask size {mw}x{mh} differs from image size {w}x{h}; resizing it")
-            mask = np.asarray(Image.fromarray(mask.astype(np.uint8)).resize((w, h), Image.NEAREST))
-        return mask > 127
-
-    @staticmethod
-    def _region_mask(
-        region: str, landmarks: np.ndarray, size: int, generator: torch.Generator | None
-    ) -> np.ndarray:
-        from pva.data.masks import box_mask, training_mask
-
-        if region == "random":
-            seed = 0 if generator is None else int(generator.initial_seed())
-            boxes = {
-                r: region_box(landmarks, r, (size, size))
-                for r in ("lowerface", "eyebrow", "wholeface")
-            }
-            return training_mask(size, boxes, random.Random(seed))[0]
-        if region not in ("lowerface", "eyebrow", "wholeface"):
-            raise ValueError(
-                f"mask_region must be lowerface, eyebrow, wholeface or random, got {region!r}"
-            )
-        return box_mask(size, region_box(landmarks, region, (size, size)))
+        fills = [
+            ((o.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+            for o in out
+        ]
+        return PVAInpaintOutput(paste_fills(job, fills, paste_back, blend))

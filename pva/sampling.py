@@ -65,6 +65,15 @@ def ddim_inpaint(
         raise ValueError(f"mode must be 'inpaint' or 'edit', got {mode!r}")
     device, b = model.device, images.shape[0]
     images, masks = images.to(device), masks.to(device)
+    scheduler = model.scheduler
+    scheduler.set_timesteps(num_steps, device=device)
+    # The random draws come in diffusers' order (the initial noise, then the masked photo's VAE
+    # sample, then each DDIM step's noise), so a seed gives the same picture here and in its
+    # StableDiffusionInpaintPipeline (pva.stock).
+    f = model.vae_downsample
+    shape = (b, model.unet.config.out_channels, images.shape[-2] // f, images.shape[-1] // f)
+    latents = torch.randn(shape, generator=generator, device=device, dtype=model.latent_dtype)
+    latents = latents * scheduler.init_noise_sigma  # (B, 4, h, w)
     mask_latent, masked_latent = model.inpaint_conditioning(images, masks, generator)
     text = model.encode_prompt(list(prompts))  # (B, 77, D)
     ident = identity_tokens
@@ -83,12 +92,6 @@ def ddim_inpaint(
             if mode == "inpaint":
                 identity_mask = torch.arange(2 * b, device=device) >= b  # uncond rows: no identity
 
-    scheduler = model.scheduler
-    scheduler.set_timesteps(num_steps, device=device)
-    latents = torch.randn(
-        masked_latent[:b].shape, generator=generator, device=device, dtype=masked_latent.dtype
-    )  # (B, 4, h, w)
-    latents = latents * scheduler.init_noise_sigma
     steps = scheduler.timesteps
     if progress:
         from tqdm.auto import tqdm

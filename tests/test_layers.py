@@ -38,6 +38,8 @@ APPLICATIONS = {
     "pva.cli",
     "pva.apps",
     "pva.pipeline",
+    "pva.stock",
+    "pva.app",
     "pva.evaluate",
     "pva.methods",
     "pva.quickstart",

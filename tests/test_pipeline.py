@@ -61,13 +61,15 @@ def pipe(setup):
 def _two_call_cfg(model, images, masks, refs, prompts, scale, steps, eta, mode, seed):
     """Classifier-free guidance written as two separate UNet calls per step (the reference)."""
     g = torch.Generator().manual_seed(seed)
+    sched = model.scheduler
+    sched.set_timesteps(steps)
+    b, _, h, w = images.shape
+    f = model.vae_downsample
+    lat = torch.randn(b, 4, h // f, w // f, generator=g) * sched.init_noise_sigma  # diffusers order
     mask_lat, masked_lat = model.inpaint_conditioning(images, masks, g)
     text = model.encode_prompt(prompts)
     uncond = model.encode_prompt(["photo of a person"] * len(prompts))
     ident = model.encode_identity(refs)
-    sched = model.scheduler
-    sched.set_timesteps(steps)
-    lat = torch.randn(masked_lat.shape, generator=g) * sched.init_noise_sigma
     for t in sched.timesteps:
         e_u = model.predict_noise(
             lat, t, mask_lat, masked_lat, uncond, ident if mode == "edit" else None
