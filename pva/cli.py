@@ -235,6 +235,7 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command("personalize", "pva.apps:personalize_cli", "pva.apps:PERSONALIZE_RANGES"),
     Command("inpaint", "pva.apps:inpaint_cli", "pva.apps:INPAINT_RANGES"),
+    Command("app", "pva.app:app_cli", "pva.app:APP_RANGES"),
     Command(
         "evaluate",
         "pva.evaluate:evaluate",

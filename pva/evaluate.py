@@ -449,6 +449,7 @@ class Evaluator:
                 prior=prior,
                 prior_weight=self.prior_weight,
                 callback=at_step if checkpoints else None,
+                progress=True,  # under the persons bar
             ):
                 timings["adapt_s_per_person"].append(time.perf_counter() - t0 - sampling[0])
                 run()

@@ -212,7 +212,7 @@ def personalized(
             if progress:
                 from tqdm.auto import tqdm
 
-                iterator = tqdm(iterator, desc="personalize", unit="step", leave=False)
+                iterator = tqdm(iterator, desc=f"fine-tune ({variant})", unit="step", leave=False)
             size = images.shape[-1]
             prompt = conditional_prompt(model.modifier_token.token)
             no_identity = variant.startswith("custom-diffusion")  # trains without identity tokens

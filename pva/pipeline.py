@@ -311,7 +311,8 @@ def reference_tensors(
     for i, ref in enumerate(images):
         label = str(ref) if isinstance(ref, str | os.PathLike) else f"#{i}"
         try:
-            rgb = as_rgb(ref, f"reference {label}")
+            is_path = isinstance(ref, str | os.PathLike)  # as_rgb names a path itself
+            rgb = as_rgb(ref, "reference" if is_path else f"reference {label}")
             found = detect_landmarks(rgb)
             if found is None:
                 raise ValueError(f"no face detected in reference {label}")

@@ -157,8 +157,9 @@ def _train_recognizers(shards: str, models: str, steps: int, seed: int) -> dict:
     started = time.perf_counter()
     train = stage0.load_photos(shards, ("train",))
     val = stage0.load_photos(shards, ("val",))
+    bar = {"progress": True, "position": 1}  # a line under the VAE's bar (another process)
     cond = stage0.train_recognizer(
-        train.faces, train.labels, steps=steps, seed=seed, progress=False
+        train.faces, train.labels, steps=steps, seed=seed, desc="stage 0: face model", **bar
     )
     save_iresnet(cond, Path(models) / "face_cond.pth")
     scorer = stage0.train_recognizer(
@@ -170,7 +171,8 @@ def _train_recognizers(shards: str, models: str, steps: int, seed: int) -> dict:
         steps=steps,
         seed=seed + 1000,
         margin=0.35,
-        progress=False,
+        desc="stage 0: scoring recognizer",
+        **bar,
     )
     save_iresnet(scorer, Path(models) / "face_score.pth")
     print(

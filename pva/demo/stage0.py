@@ -86,12 +86,12 @@ def load_photos(shards: str, splits: tuple[str, ...] = ("train",)) -> PhotoSet:
     )
 
 
-def _steps(steps: int, desc: str, progress: bool) -> Iterator[int]:
+def _steps(steps: int, desc: str, progress: bool, position: int | None = None) -> Iterator[int]:
     if not progress:
         return iter(range(steps))
     from tqdm.auto import tqdm
 
-    return iter(tqdm(range(steps), desc=desc, unit="step", leave=False))
+    return iter(tqdm(range(steps), desc=desc, unit="step", leave=False, position=position))
 
 
 def _cosine_lr(opt: torch.optim.Optimizer, base: float, step: int, steps: int) -> None:
@@ -323,6 +323,7 @@ def train_recognizer(
     seed: int = 0,
     desc: str = "stage 0: recognizer",
     progress: bool = True,
+    position: int | None = None,
 ) -> IResNet:
     """Train an arcface_torch IResNet with a CosFace head on person labels.
 
@@ -343,6 +344,7 @@ def train_recognizer(
         seed: Seed of weights, sampling and augmentation.
         desc: Progress-bar label.
         progress: Show a progress bar.
+        position: The bar's terminal line (1: under another process's bar).
     """
     torch.manual_seed(seed)
     model = IResNet(layers, widths, num_features).train()
@@ -351,7 +353,7 @@ def train_recognizer(
     opt = torch.optim.AdamW([*model.parameters(), head], lr=lr, weight_decay=5e-4, fused=True)
     gen = torch.Generator().manual_seed(seed)
     n = faces.shape[0]
-    for step in _steps(steps, desc, progress):
+    for step in _steps(steps, desc, progress, position):
         _cosine_lr(opt, lr, step, steps)
         idx = torch.randint(n, (batch_size,), generator=gen)
         x = faces[idx]
