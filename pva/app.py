@@ -429,7 +429,9 @@ def app_cli(
     app = PVAApp(find_adapter(adapter, demo_out), backbone, face_model, out)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: --host {host} makes the app reachable from other machines")
-    serve(app, host, port)
+    page, url = serve(app, host, port, block=False)
+    print(f"pva app: serving {app.base} at {url} (Ctrl+C stops)", flush=True)
+    page.block_thread()
 
 
 def serve(app: PVAApp, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -> tuple:
@@ -446,7 +448,7 @@ def serve(app: PVAApp, host: str = "127.0.0.1", port: int = 7860, block: bool = 
         inbrowser=False,
         ssr_mode=False,
         prevent_thread_lock=not block,
-        quiet=not block,
+        quiet=True,  # Gradio's own lines suggest share=True, which pva app never sets
         allowed_paths=[str(app.out.resolve())],
         footer_links=[],
     )
