@@ -212,13 +212,15 @@ class PVAApp:
                 kwargs: dict[str, Any] = {"mask_image": mask.astype(np.uint8) * 255}
             else:
                 kwargs = {"mask_region": region}
-            job = prepare_face(photo, pipe.resolution, generator=None, **kwargs)
-            if job.empty:
-                raise UserError("the mask is empty at the model resolution: paint a larger region")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the page says what matters
+                job = prepare_face(photo, pipe.resolution, **kwargs)  # the face, found once
+                if job.empty:
+                    raise UserError(
+                        "the mask is empty at the model resolution: paint a larger region"
+                    )
                 result = pipe(
-                    photo,
+                    job,
                     reference_images=refs,
                     prompt=prompt,
                     mode=mode,
@@ -227,7 +229,6 @@ class PVAApp:
                     generator=torch.Generator().manual_seed(int(seed)),
                     num_images_per_prompt=int(num_images),
                     blend=bool(blend),
-                    **kwargs,
                 )
         files = self._write(result.images)
         gallery = [(_overlay(photo, job.full_mask), "masked input")]

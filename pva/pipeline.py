@@ -328,6 +328,25 @@ def reference_tensors(
     return torch.stack(crops), used
 
 
+def adapter_face_model(
+    adapter: str | os.PathLike, header: dict, face_model: str | os.PathLike | None
+) -> str | os.PathLike:
+    """``face_model``, else the one the adapter's header records (it must exist).
+
+    Raises:
+        FileNotFoundError: Neither is there.
+    """
+    if face_model is not None:
+        return face_model
+    recorded = header.get("paths", {}).get("face_model")
+    if not recorded or not face_model_present(recorded):
+        raise FileNotFoundError(
+            f"adapter '{adapter}' needs its face model: pass face_model= (--face-model),"
+            f" an arcface_torch .pth, an InsightFace .onnx or dlib"
+        )
+    return recorded
+
+
 class PVAInpaintPipeline(DiffusionPipeline):
     """Stable Diffusion 2 inpainting with Parallel Visual Attention (see the module docstring).
 
@@ -385,13 +404,7 @@ class PVAInpaintPipeline(DiffusionPipeline):
             The pipeline.
         """
         tensors, header = read = read_adapter(adapter)  # the file is read once
-        if face_model is None:
-            face_model = header.get("paths", {}).get("face_model")
-            if not face_model or not face_model_present(face_model):
-                raise FileNotFoundError(
-                    f"adapter '{adapter}' needs its face model: pass face_model= (--face-model),"
-                    f" an arcface_torch .pth, an InsightFace .onnx or dlib"
-                )
+        face_model = adapter_face_model(adapter, header, face_model)
         if self.pva is None:
             backbone = Backbone(
                 self.vae, self.text_encoder, self.tokenizer, self.unet, self.scheduler
@@ -459,7 +472,7 @@ class PVAInpaintPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        image: ImageInput,
+        image: ImageInput | FaceJob,
         mask_image: ImageInput | None = None,
         reference_images: Sequence[ImageInput] = (),
         prompt: str | None = None,
@@ -479,7 +492,8 @@ class PVAInpaintPipeline(DiffusionPipeline):
         """Fill the mask of ``image`` keeping the references' identity.
 
         Args:
-            image: The photo (path, PIL or array; any size, mode, EXIF orientation).
+            image: The photo (path, PIL or array; any size, mode, EXIF orientation), or
+                the :func:`prepare_face` of one (then its mask is used: give no other).
             mask_image: White = fill; same size as ``image`` (a different size with the same
                 aspect ratio is resized with a warning). Or give ``mask_region``.
             reference_images: Photos of the same person (5 in the paper).
@@ -509,7 +523,12 @@ class PVAInpaintPipeline(DiffusionPipeline):
         prompt = conditional_prompt(token) if prompt is None else prompt
         if mode == "edit" and token not in prompt:
             _warn(f"edit mode with a prompt without {token}: the identity token is unused")
-        job = prepare_face(image, self.resolution, mask_image, mask_region, generator)
+        if isinstance(image, FaceJob):  # prepared by the caller: the face is found once
+            if mask_image is not None or mask_region is not None:
+                raise ValueError("a prepared FaceJob carries its mask: give no mask_image/region")
+            job = image
+        else:
+            job = prepare_face(image, self.resolution, mask_image, mask_region, generator)
         if job.empty:
             _warn("the mask is empty (at the model resolution): returning the input unchanged")
             return PVAInpaintOutput(

@@ -58,13 +58,14 @@ from torch import Tensor, nn
 from pva.adapter import config_from_adapter, load_adapter, read_adapter
 from pva.attention import _IdentityAttnBase
 from pva.backbone import Backbone, model_resolution
-from pva.face_encoders import face_model_present, load_face_encoder
+from pva.face_encoders import load_face_encoder
 from pva.identity import IdentityProjection
 from pva.model import PVAModel
 from pva.pipeline import (
     FaceJob,
     ImageInput,
     MaskRegion,
+    adapter_face_model,
     paste_fills,
     prepare_face,
     reference_tensors,
@@ -275,13 +276,7 @@ def load_pva_into(
             f"the pipeline's tokenizer already has {config.modifier_token}: unload that textual "
             "inversion first"
         )
-    if face_model is None:
-        face_model = header.get("paths", {}).get("face_model")
-        if not face_model or not face_model_present(face_model):
-            raise FileNotFoundError(
-                f"adapter '{adapter}' needs its face model: pass face_model=, an arcface_torch "
-                f".pth, an InsightFace .onnx or dlib"
-            )
+    face_model = adapter_face_model(adapter, header, face_model)
     modules = (pipe.vae, pipe.text_encoder, unet)
     table = pipe.text_encoder.get_input_embeddings()
     saved: dict[str, Any] = {

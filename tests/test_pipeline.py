@@ -494,3 +494,16 @@ def test_an_80_px_face_in_a_2000_px_photo_is_found_inpainted_and_pasted_back(pip
         assert np.array_equal(out[~mask], photo[~mask])  # pasted back: the rest is the input
         assert (out != photo).any(-1)[mask].mean() > 0.5  # the model filled the hole
     assert not np.array_equal(hard, soft)  # the blend changed the composite, inside only
+
+
+def test_a_prepared_face_gives_the_same_picture_and_keeps_its_mask(pipe, setup):
+    from pva.pipeline import prepare_face
+
+    refs = sorted(setup["refs"].iterdir())
+    job = prepare_face(TARGET, pipe.resolution, mask_region="lowerface")
+    kw = dict(reference_images=refs, num_inference_steps=2)
+    a = pipe(job, generator=torch.Generator().manual_seed(0), **kw).images[0]
+    b = pipe(TARGET, mask_region="lowerface", generator=torch.Generator().manual_seed(0), **kw)
+    assert np.array_equal(np.asarray(a), np.asarray(b.images[0]))
+    with pytest.raises(ValueError, match="carries its mask"):
+        pipe(job, mask_region="eyebrow", **kw)

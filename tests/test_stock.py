@@ -97,16 +97,21 @@ def test_the_stock_pipeline_with_pva_gives_pva_pipeline_picture(
     job = pva.prepare(TARGET, mask_region="lowerface")
     embeds = pva.image_embeds(REFS, mode=mode, do_classifier_free_guidance=guidance > 1)
     assert embeds.shape[:2] == ((2, 1) if guidance > 1 else (1, 1))
-    out = _stock_call(
-        stock,
-        job,
-        embeds,
-        prompt=PROMPT,
-        negative_prompt=pva.negative_prompt,
-        guidance_scale=guidance,
-        generator=torch.Generator().manual_seed(7),
-    )
-    got = np.asarray(pva.paste(job, out)[0]).astype(int)
+
+    def filled(image_embeds) -> np.ndarray:
+        """The stock pipeline's picture at seed 7, pasted back into the photo."""
+        out = _stock_call(
+            stock,
+            job,
+            image_embeds,
+            prompt=PROMPT,
+            negative_prompt=pva.negative_prompt,
+            guidance_scale=guidance,
+            generator=torch.Generator().manual_seed(7),
+        )
+        return np.asarray(pva.paste(job, out)[0]).astype(int)
+
+    got = filled(embeds)
     want = np.asarray(expected).astype(int)
     inside = job.full_mask
     # float rounding only: at most 1 level in a few pixels
@@ -115,17 +120,7 @@ def test_the_stock_pipeline_with_pva_gives_pva_pipeline_picture(
     assert np.array_equal(got[~inside], want[~inside])  # both pasted back
 
     # the identity matters: without it (zero embeddings) the stock pipeline draws another fill
-    zeros = torch.zeros_like(embeds)
-    plain = _stock_call(
-        stock,
-        job,
-        zeros,
-        prompt=PROMPT,
-        negative_prompt=pva.negative_prompt,
-        guidance_scale=guidance,
-        generator=torch.Generator().manual_seed(7),
-    )
-    plain_img = np.asarray(pva.paste(job, plain)[0]).astype(int)
+    plain_img = filled(torch.zeros_like(embeds))
     assert np.abs(plain_img - want)[inside].mean() > 0.1  # 10x what rounding can account for
 
     pva.unload()
